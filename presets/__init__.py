@@ -1,0 +1,1 @@
+"""Shipped YAML presets (one file per model x resolution); read through sparge.presets."""

@@ -1,0 +1,1 @@
+"""The `sparge` command-line interface (Typer); all work is done by the `sparge` package."""

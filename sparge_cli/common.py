@@ -1,0 +1,116 @@
+"""Shared CLI plumbing: one-line errors with exit codes, rich console, atomic writes, device/dtype parsing.
+
+Every command body runs inside `cli_errors()`: a `UsageError` (or a `ValueError` raised by the core
+library for a bad argument) prints one red line and exits 2; any other failure prints one line and
+exits 1. No traceback reaches the user unless ``SPARGE_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+class UsageError(Exception):
+    """A user mistake: bad option value, missing input, refused overwrite. Exit code 2."""
+
+
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """Turn exceptions into one clear line and the documented exit code."""
+    debug = os.environ.get("SPARGE_DEBUG") == "1"
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        raise typer.Exit(130) from None
+    except Exception as e:  # runtime failure
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "out of memory" in msg.lower():
+            msg += " (lower --batch-size/--frames/resolution, or use --cpu-offload / --gradient-checkpointing)"
+        err_console.print(f"[bold red]error:[/] {type(e).__name__}: {msg}", soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def check_writable_target(path: Path, overwrite: bool, what: str = "output") -> None:
+    """Refuse an existing file without --overwrite, and a directory we cannot write into."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UsageError(f"{what} {path} already exists: pass --overwrite to replace it, or choose another path")
+    if path.exists() and path.is_dir():
+        raise UsageError(f"{what} {path} is a directory: give a file path")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise UsageError(f"cannot write {what} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write {what} {path}: directory {parent} is not writable")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=str(path.parent or "."))
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def parse_dtype(name: str):
+    import torch
+
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if name not in table:
+        raise UsageError(f"--dtype {name!r} is not known: use bf16, fp16 or fp32")
+    return table[name]
+
+
+def parse_device(name: str, need_cuda: bool = False):
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device: use cuda, cuda:N or cpu") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} needs a CUDA GPU, but none is visible: use --device cpu")
+    if need_cuda and dev.type != "cuda":
+        raise UsageError(f"this command needs a CUDA GPU (--device cuda), got --device {name}")
+    return dev
