@@ -21,6 +21,15 @@ def _root() -> None:
     """sparge: hybrid Top-k+Top-p block-sparse attention for Wan2.1 in diffusers."""
 
 
+from sparge_cli import bench as _bench  # noqa: E402
+
+_bench.register(app)
+
+from sparge_cli import generate as _generate  # noqa: E402
+
+_generate.register(app)
+
+
 def main() -> None:
     app()
 

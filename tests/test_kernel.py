@@ -1,0 +1,214 @@
+"""Block-sparse attention kernels (Triton; the interpreter on CPU) against the float64 torch reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparge
+from sparge import reference
+from sparge.kernels import triton_available
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not triton_available(torch.empty(0, device=DEV)), reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def _qkv(b, h, lq, lk, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda l: torch.randn(b, h, l, d, generator=g).to(dtype).to(DEV).requires_grad_()
+    return mk(lq), mk(lk), mk(lk)
+
+
+def _nblocks(length, block):
+    return -(-length // block)
+
+
+def _rand_mask(b, h, lq, lk, density, seed=0, bq=128, bk=64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(b, h, _nblocks(lq, bq), _nblocks(lk, bk), generator=g) < density).to(DEV)
+
+
+def _run(q, k, v, mask, do, **kw):
+    for t in (q, k, v):
+        t.grad = None
+    o = sparge.block_sparse_attention(q, k, v, mask, **kw)
+    o.backward(do)
+    return o.detach(), q.grad.detach(), k.grad.detach(), v.grad.detach()
+
+
+def _golden(q, k, v, mask, do, bq=128, bk=64, scale=None):
+    q64, k64, v64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    o = reference.block_sparse_attention(q64, k64, v64, mask, bq, bk, scale)
+    o.backward(do.double())
+    return o.detach(), q64.grad, k64.grad, v64.grad
+
+
+def _rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "b,h,lq,lk,d,density",
+    [
+        (1, 2, 300, 200, 64, 0.5),   # Lq != Lk, neither a multiple of the blocks
+        (2, 2, 256, 256, 64, 0.3),   # B, H > 1
+        (1, 1, 130, 70, 128, 0.6),   # D = 128, one-token tails
+        (1, 1, 100, 90, 48, 1.0),    # D not a power of two, full mask, single partial q block
+    ],
+)
+def test_forward_backward_match_float64_reference(b, h, lq, lk, d, density):
+    q, k, v = _qkv(b, h, lq, lk, d)
+    mask = _rand_mask(b, h, lq, lk, density)
+    mask[..., 0, 0] = True
+    do = torch.randn(b, h, lq, d, generator=torch.Generator().manual_seed(7)).to(DEV)
+    got = _run(q, k, v, mask, do)
+    ref = _golden(q, k, v, mask, do)
+    for name, g_, r_ in zip(("o", "dq", "dk", "dv"), got, ref):
+        assert not torch.isnan(g_).any(), name
+        assert _rel(g_, r_) < 1e-5, (name, _rel(g_, r_))
+
+
+@needs_triton
+def test_empty_rows_give_zero_output_and_zero_grads():
+    q, k, v = _qkv(1, 2, 300, 200, 64, seed=1)
+    mask = _rand_mask(1, 2, 300, 200, 0.5, seed=1)
+    mask[0, 0, 1] = False  # query block 1 of head 0 keeps nothing
+    mask[0, 1] = False  # head 1 keeps nothing at all
+    mask[0, 0, 0, 0] = True
+    do = torch.randn(1, 2, 300, 64).to(DEV)
+    o, dq, dk, dv = _run(q, k, v, mask, do)
+    for t in (o, dq, dk, dv):
+        assert torch.isfinite(t).all()
+    assert (o[0, 0, 128:256] == 0).all() and (dq[0, 0, 128:256] == 0).all()
+    assert (o[0, 1] == 0).all() and (dq[0, 1] == 0).all() and (dk[0, 1] == 0).all() and (dv[0, 1] == 0).all()
+    ref = _golden(q, k, v, mask, do)
+    for g_, r_ in zip((o, dq, dk, dv), ref):
+        assert _rel(g_, r_) < 1e-5
+
+
+@needs_triton
+def test_dense_mask_equals_sdpa_with_strided_views_and_custom_scale():
+    g = torch.Generator().manual_seed(3)
+    # diffusers layout [B, L, H, D] viewed as [B, H, L, D] without a copy
+    x = [torch.randn(1, 200, 2, 64, generator=g).to(DEV).requires_grad_() for _ in range(3)]
+    q, k, v = (t.transpose(1, 2) for t in x)
+    assert not q.is_contiguous()
+    mask = torch.ones(1, 2, 2, 4, dtype=torch.bool, device=DEV)
+    o = sparge.block_sparse_attention(q, k, v, mask, scale=0.2)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.2)
+    assert _rel(o, ref) < 1e-5
+    o.sum().backward()
+    gq = x[0].grad.clone()
+    for t in x:
+        t.grad = None
+    F.scaled_dot_product_attention(*(t.transpose(1, 2).double() for t in x), scale=0.2).sum().backward()
+    assert _rel(gq, x[0].grad) < 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_error_is_within_dense_reference_error(dtype):
+    # FlexAttention's yardstick: the kernel's error against a float64 golden is within a small factor
+    # of a same-dtype plain-torch computation's error on the same mask.
+    q, k, v = _qkv(1, 2, 256, 192, 64, dtype=dtype, seed=4)
+    mask = _rand_mask(1, 2, 256, 192, 0.6, seed=4)
+    mask[..., 0] = True
+    do = torch.randn(1, 2, 256, 64, generator=torch.Generator().manual_seed(5)).to(dtype).to(DEV)
+    got = _run(q, k, v, mask, do)
+    gold = _golden(q, k, v, mask, do)
+    qs, ks, vs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    same = reference.block_sparse_attention(qs, ks, vs, mask)
+    same.backward(do)
+    same_dtype = (same.detach(), qs.grad, ks.grad, vs.grad)
+    for name, g_, s_, r_ in zip(("o", "dq", "dk", "dv"), got, same_dtype, gold):
+        assert g_.dtype == dtype
+        assert _rel(g_, r_) <= 1.5 * _rel(s_, r_) + 1e-3, (name, _rel(g_, r_), _rel(s_, r_))
+
+
+@needs_triton
+def test_sparge_attention_equals_mask_then_kernel_and_reports_lse():
+    from sparge.kernels.block_sparse_attn import attn_fwd
+
+    q, k, v = _qkv(1, 2, 384, 384, 64, seed=6)
+    out = sparge.sparge_attention(q, k, v, topk=0.2, topp=0.3)
+    mask = sparge.hybrid_block_mask(q, k, topk=0.2, topp=0.3)
+    ref = reference.block_sparse_attention(q.double(), k.double(), v.double(), mask)
+    assert _rel(out, ref) < 1e-5
+    bm = sparge.BlockMask.from_dense(mask, 384, 384)
+    _, lse = attn_fwd(q.detach(), k.detach(), v.detach(), bm.row_count, bm.row_index, 64 ** -0.5, 128, 64)
+    lse_ref = reference.block_sparse_lse(q.double(), k.double(), mask)
+    torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_autocast_and_gradient_checkpointing():
+    from torch.utils.checkpoint import checkpoint
+
+    q, k, v = _qkv(1, 1, 256, 256, 64, seed=8)
+    mask = _rand_mask(1, 1, 256, 256, 0.5, seed=8)
+    mask[..., 0] = True
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        o = sparge.block_sparse_attention(q, k, v, mask)
+    assert o.dtype == torch.bfloat16
+    o.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.float32
+    g_plain = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        o2 = checkpoint(sparge.block_sparse_attention, q, k, v, mask, use_reentrant=False)
+    o2.float().sum().backward()
+    for a, b in zip(g_plain, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_backend_matches_reference_without_triton():
+    q, k, v = _qkv(1, 2, 200, 150, 32, seed=9)
+    mask = _rand_mask(1, 2, 200, 150, 0.5, seed=9)
+    o = sparge.block_sparse_attention(q, k, v, mask, backend="torch")
+    assert _rel(o, reference.block_sparse_attention(q.double(), k.double(), v.double(), mask)) < 1e-6
+
+
+def test_float64_takes_torch_path_with_one_warning():
+    import sparge.attention as att
+
+    att._warned.clear()
+    q, k, v = (t.detach().double() for t in _qkv(1, 1, 100, 100, 16))
+    mask = torch.ones(1, 1, 1, 2, dtype=torch.bool, device=DEV)
+    with pytest.warns(RuntimeWarning, match="using the exact PyTorch path"):
+        sparge.block_sparse_attention(q, k, v, mask)
+    with pytest.raises(RuntimeError, match="cannot run here: dtype torch.float64"):
+        sparge.block_sparse_attention(q, k, v, mask, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda q, k, v, m: (q[0], k, v, m), "q must have 4 dimensions"),
+        (lambda q, k, v, m: (q, k[:, :1], v, m), "share \\[B, H\\]"),
+        (lambda q, k, v, m: (q, k[..., :8], v, m), "share the head dim"),
+        (lambda q, k, v, m: (q.half(), k, v, m), "share one dtype"),
+        (lambda q, k, v, m: (q.int(), k.int(), v.int(), m), "q.dtype=torch.int32 is not supported"),
+        (lambda q, k, v, m: (q, k, v[:, :, :10], m), "share the sequence length"),
+        (lambda q, k, v, m: (q, k, v, m[..., :1]), "mask has shape"),
+        (lambda q, k, v, m: (q, k, v, m.float()), "mask must be a bool tensor"),
+        (lambda q, k, v, m: (q, k, v, m.expand(2, -1, -1, -1)), "batch/heads"),
+    ],
+)
+def test_bad_inputs(mutate, match):
+    q, k, v = (t.detach() for t in _qkv(1, 2, 200, 150, 32))
+    m = torch.ones(1, 2, 2, 3, dtype=torch.bool, device=DEV)
+    with pytest.raises(ValueError, match=match):
+        sparge.block_sparse_attention(*mutate(q, k, v, m))
+
+
+def test_unsupported_head_dim_and_backend_name():
+    q = torch.randn(1, 1, 64, 272, device=DEV)
+    m = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=DEV)
+    with pytest.raises(RuntimeError, match="head dim 272 > 256"):
+        sparge.block_sparse_attention(q, q, q, m, backend="triton")
+    with pytest.raises(ValueError, match="backend='cuda' is not known"):
+        sparge.block_sparse_attention(q, q, q, m, backend="cuda")
+    with pytest.raises(ValueError, match="topk=2 is out of range"):
+        sparge.SpargeConfig(topk=2)
