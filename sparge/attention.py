@@ -107,12 +107,12 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 def _kernel_refusal(q: torch.Tensor) -> str | None:
     """Why the Triton kernel cannot take ``q``, or None when it can."""
-    if not triton_available(q):
-        return f"device {q.device} (Triton runs on CUDA, or on the CPU with TRITON_INTERPRET=1)"
     if q.dtype not in _KERNEL_DTYPES:
         return f"dtype {q.dtype}"
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    if not triton_available(q):
+        return f"device {q.device} (Triton runs on CUDA, or on the CPU with TRITON_INTERPRET=1)"
     if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 8:
         return f"GPU {torch.cuda.get_device_name(q.device)} (compute capability < 8.0)"
     return None

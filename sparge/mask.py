@@ -166,6 +166,30 @@ def mask_from_scores(scores: torch.Tensor, *, topk: float, topp: float) -> torch
     return _prefix_to_dense(order, _keep_counts(sorted_scores, topk, topp))
 
 
+def _select(
+    q: torch.Tensor, k: torch.Tensor, topk: float, topp: float, block_q: int, block_k: int, scale: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row_count, row_index sorted by score, dense mask) of the hybrid selection; one path per device."""
+    from sparge.kernels import triton_available
+
+    topk, topp = check_knobs(topk, topp)
+    check_qk(q, k, block_q, block_k)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    pq = block_pool(q, block_q)
+    pk = block_pool(k, block_k)
+    tk = pk.shape[2]
+    if triton_available(q) and q.dtype != torch.float64:
+        from sparge.kernels.mask_lut import select_blocks
+
+        n_k = tk if topk >= 1.0 else (max(1, math.ceil(topk * tk)) if topk > 0 else 0)
+        return select_blocks(torch.matmul(pq, pk.transpose(-1, -2)), scale, n_k, topp)
+    scores = torch.softmax(torch.matmul(pq, pk.transpose(-1, -2)) * scale, dim=-1)
+    sorted_scores, order = _sort_scores(scores)
+    count = _keep_counts(sorted_scores, topk, topp)
+    return count, order.to(torch.int32), _prefix_to_dense(order, count)
+
+
 def hybrid_block_mask(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -193,8 +217,7 @@ def hybrid_block_mask(
         >>> m.shape, bool(m.any(-1).all())
         (torch.Size([1, 2, 4, 8]), True)
     """
-    topk, topp = check_knobs(topk, topp)
-    return mask_from_scores(block_scores(q, k, block_q=block_q, block_k=block_k, scale=scale), topk=topk, topp=topp)
+    return _select(q, k, topk, topp, block_q, block_k, scale)[2]
 
 
 def topk_block_mask(
@@ -231,6 +254,19 @@ def topp_block_mask(
     if _check_fraction("topp", topp) == 0.0:
         raise ValueError("topp=0 would keep no block: use a fraction in (0, 1]")
     return hybrid_block_mask(q, k, topk=0.0, topp=topp, block_q=block_q, block_k=block_k, scale=scale)
+
+
+def _index_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, ascending indices) of the True entries along the last dim of a ``[B, H, R, C]`` bool mask."""
+    from sparge.kernels import triton_available
+
+    if triton_available(mask):
+        from sparge.kernels.mask_lut import mask_lists
+
+        return mask_lists(mask)
+    m8 = mask.to(torch.int8)
+    index = torch.sort(m8, dim=-1, descending=True, stable=True).indices.to(torch.int32)
+    return m8.sum(-1, dtype=torch.int32), index.contiguous()
 
 
 def _block_sizes(length: int, block: int, device: torch.device) -> torch.Tensor:
@@ -287,6 +323,7 @@ class BlockMask:
         col_count: ``[B, H, Tk]`` int32, query blocks that keep each key block.
         col_index: ``[B, H, Tk, Tq]`` int32, those query-block indices first (ascending).
         q_len, k_len: real sequence lengths; block_q, block_k: block sizes.
+        dense: the ``[B, H, Tq, Tk]`` bool mask, when it was built (else derived from the row lists).
     """
 
     row_count: torch.Tensor
@@ -297,6 +334,7 @@ class BlockMask:
     k_len: int
     block_q: int
     block_k: int
+    dense: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -309,24 +347,17 @@ class BlockMask:
         _check_block("block_q", block_q)
         _check_block("block_k", block_k)
         check_dense_mask(mask, q_len, k_len, block_q, block_k)
-        m8 = mask.to(torch.int8)
-        row_index = torch.sort(m8, dim=-1, descending=True, stable=True).indices.to(torch.int32)
-        mt = m8.transpose(-1, -2)
-        col_index = torch.sort(mt, dim=-1, descending=True, stable=True).indices.to(torch.int32)
-        return cls(
-            row_count=m8.sum(-1, dtype=torch.int32),
-            row_index=row_index.contiguous(),
-            col_count=mt.sum(-1, dtype=torch.int32),
-            col_index=col_index.contiguous(),
-            q_len=q_len,
-            k_len=k_len,
-            block_q=block_q,
-            block_k=block_k,
-        )
+        row_count, row_index = _index_lists(mask)
+        col_count, col_index = _index_lists(mask.transpose(-1, -2))
+        return cls(row_count, row_index, col_count, col_index, q_len, k_len, block_q, block_k, dense=mask)
 
     def to_dense(self) -> torch.Tensor:
         """``[B, H, Tq, Tk]`` bool."""
-        return _prefix_to_dense(self.row_index.long(), self.row_count)
+        if self.dense is not None:
+            return self.dense
+        rank = torch.arange(self.row_index.shape[-1], device=self.row_index.device)
+        kept = (rank < self.row_count.unsqueeze(-1)).to(torch.int32)
+        return torch.zeros_like(kept).scatter_add_(-1, self.row_index.long(), kept) > 0
 
     def sparsity_tensor(self) -> torch.Tensor:
         """0-dim float64 tensor on the mask's device: skipped fraction of the real score matrix (no host sync)."""
@@ -356,10 +387,10 @@ def build_block_mask(
 ) -> BlockMask:
     """Hybrid mask straight into the kernels' `BlockMask` form (same selection as :func:`hybrid_block_mask`).
 
-    The row lists come from the same sort that selects the blocks (no second pass); the column lists
-    are built from the dense mask. No host synchronisation.
+    The row lists come from the same sort that selects the blocks (no second pass; on GPU one fused
+    Triton launch does softmax, sort, Top-k/Top-p and the lists); the column lists are built from the
+    dense mask. No host synchronisation.
     """
-    topk, topp = check_knobs(topk, topp)
-    scores = block_scores(q, k, block_q=block_q, block_k=block_k, scale=scale)
-    dense = mask_from_scores(scores, topk=topk, topp=topp)
-    return BlockMask.from_dense(dense, q.shape[2], k.shape[2], block_q=block_q, block_k=block_k)
+    row_count, row_index, dense = _select(q, k, topk, topp, block_q, block_k, scale)
+    col_count, col_index = _index_lists(dense.transpose(-1, -2))
+    return BlockMask(row_count, row_index, col_count, col_index, q.shape[2], k.shape[2], block_q, block_k, dense=dense)

@@ -156,3 +156,21 @@ def test_bad_inputs_raise_value_error_naming_argument(call, match):
     q, k = _rand(1, 2, 64, 16), _rand(1, 2, 64, 16)
     with pytest.raises(ValueError, match=match):
         call(q, k)
+
+
+@pytest.mark.parametrize("k,p", [(0.1, 0.3), (0.03, 0.2), (0.2, 0.0), (0.0, 0.6), (1.0, 0.0), (0.0, 1.0)])
+def test_triton_selection_equals_torch_selection(k, p, monkeypatch):
+    """The fused radix-select kernel and the plain-torch sort pick the same blocks (ties included)."""
+    import sparge.kernels as K
+    from sparge.kernels import triton_available
+
+    q, k_ = _rand(1, 2, 1100, 16, seed=21), _rand(1, 2, 1500, 16, seed=22)
+    q[:, :, 128:256] = 0.0  # a query block whose scores are all tied
+    if not triton_available(q):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    fast = sparge.build_block_mask(q, k_, topk=k, topp=p)
+    monkeypatch.setattr(K, "triton_available", lambda t: False)
+    slow = sparge.build_block_mask(q, k_, topk=k, topp=p)
+    assert torch.equal(fast.to_dense(), slow.to_dense())
+    assert torch.equal(fast.row_count, slow.row_count)
+    assert torch.equal(fast.col_count, slow.col_count)

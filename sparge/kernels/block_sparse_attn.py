@@ -37,6 +37,20 @@ if HAS_TRITON:
             return tl.dot(a, b, acc)
 
     @triton.jit
+    def _gather_cols(idx_ptr, t, count, Lk, BLOCK_N: tl.constexpr, PAIR: tl.constexpr):
+        """Key positions of the row-list entries t .. t+PAIR-1 as one tile, and which are real."""
+        r = tl.arange(0, PAIR * BLOCK_N)
+        if PAIR == 1:
+            kb = tl.load(idx_ptr + t)
+            offs = kb * BLOCK_N + r
+            return offs, offs < Lk
+        else:
+            j = t + r // BLOCK_N
+            kb = tl.load(idx_ptr + j, mask=j < count, other=-1)
+            offs = kb * BLOCK_N + r % BLOCK_N
+            return offs, (kb >= 0) & (offs < Lk)
+
+    @triton.jit
     def _fwd_kernel(
         Q, K, V, O, LSE, RowCount, RowIndex,
         stride_qb, stride_qh, stride_qm, stride_qd,
@@ -44,16 +58,18 @@ if HAS_TRITON:
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_om, stride_od,
         H, Lq, Lk, D, TQ, TK, qk_scale,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr, BLOCK_D: tl.constexpr,
         IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
+        # SPLIT programs share one mask query block of BLOCK_M * SPLIT rows; each step takes PAIR kept
+        # key blocks at once (a PAIR * BLOCK_N tile gathered from the row list)
+        pid = tl.program_id(0)
+        pid_m = pid // SPLIT
         pid_bh = tl.program_id(1)
         off_b = (pid_bh // H).to(tl.int64)
         off_h = (pid_bh % H).to(tl.int64)
 
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask_m = offs_m < Lq
         mask_d = offs_d < D
@@ -70,15 +86,13 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-        for t in range(0, count):
-            kb = tl.load(idx_ptr + t)
-            offs_kn = kb * BLOCK_N + offs_n
-            mask_n = offs_kn < Lk
+        for t in range(0, count, PAIR):
+            offs_kn, mask_n = _gather_cols(idx_ptr, t, count, Lk, BLOCK_N, PAIR)
             k = tl.load(
                 k_base + offs_kn[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                 mask=mask_n[None, :] & mask_d[:, None], other=0.0,
             )
-            qk = _mma(q, k, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE, UPCAST)
+            qk = _mma(q, k, tl.zeros([BLOCK_M, PAIR * BLOCK_N], dtype=tl.float32), IEEE, UPCAST)
             qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             p = tl.math.exp2(qk - m_new[:, None])
@@ -129,15 +143,15 @@ if HAS_TRITON:
         stride_dob, stride_doh, stride_dom, stride_dod,
         stride_dqb, stride_dqh, stride_dqm, stride_dqd,
         H, Lq, Lk, D, TQ, TK, qk_scale, sm_scale,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr, BLOCK_D: tl.constexpr,
         IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
+        pid = tl.program_id(0)
+        pid_m = pid // SPLIT
         pid_bh = tl.program_id(1)
         off_b = (pid_bh // H).to(tl.int64)
         off_h = (pid_bh % H).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask_m = offs_m < Lq
         mask_d = offs_d < D
@@ -154,15 +168,13 @@ if HAS_TRITON:
         idx_ptr = RowIndex + lut_row * TK
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for t in range(0, count):
-            kb = tl.load(idx_ptr + t)
-            offs_kn = kb * BLOCK_N + offs_n
-            mask_n = offs_kn < Lk
+        for t in range(0, count, PAIR):
+            offs_kn, mask_n = _gather_cols(idx_ptr, t, count, Lk, BLOCK_N, PAIR)
             nd_t = mask_n[None, :] & mask_d[:, None]
             kT = tl.load(k_base + offs_kn[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=nd_t, other=0.0)
             vT = tl.load(v_base + offs_kn[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=nd_t, other=0.0)
-            qk = _mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE, UPCAST)
-            dp = _mma(do, vT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE, UPCAST)
+            qk = _mma(q, kT, tl.zeros([BLOCK_M, PAIR * BLOCK_N], dtype=tl.float32), IEEE, UPCAST)
+            dp = _mma(do, vT, tl.zeros([BLOCK_M, PAIR * BLOCK_N], dtype=tl.float32), IEEE, UPCAST)
             p = tl.math.exp2(qk * qk_scale - lse2[:, None])
             p = tl.where(mask_n[None, :], p, 0.0)
             ds = p * (dp - delta[:, None])
@@ -237,10 +249,48 @@ def _block_d(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
-def _fwd_config(block_d: int, is_cuda: bool) -> dict:
+# Launch configurations per kernel, keyed by the padded head dim; tuned on an H100 (benchmarks/NOTES.md).
+# split: programs per 128-row query block; sub_m: query rows per step of the dK/dV loop.
+KERNEL_CONFIGS: dict[str, dict[int, dict[str, int]]] = {
+    "fwd": {64: {"split": 1, "pair": 1, "num_warps": 4, "num_stages": 3}, 128: {"split": 1, "pair": 1, "num_warps": 8, "num_stages": 4},
+            256: {"split": 2, "pair": 1, "num_warps": 8, "num_stages": 2}},
+    "dq": {64: {"split": 1, "pair": 1, "num_warps": 4, "num_stages": 2}, 128: {"split": 2, "pair": 1, "num_warps": 4, "num_stages": 2},
+           256: {"split": 2, "pair": 1, "num_warps": 8, "num_stages": 1}},
+    "dkdv": {64: {"sub_m": 64, "num_warps": 4, "num_stages": 2}, 128: {"sub_m": 64, "num_warps": 4, "num_stages": 1},
+             256: {"sub_m": 16, "num_warps": 8, "num_stages": 1}},
+}
+
+
+def _config(kind: str, block_d: int, block_q: int, is_cuda: bool) -> tuple[dict, int]:
+    """(triton launch kwargs, split or sub_m) for a kernel; the interpreter takes whole blocks."""
+    table = KERNEL_CONFIGS[kind]
+    cfg = dict(table[min((d for d in table if d >= block_d), default=max(table))])
+    inner = cfg.pop("split" if kind != "dkdv" else "sub_m")
+    pair = cfg.pop("pair", 1)
     if not is_cuda:
-        return {}
-    return {"num_warps": 8 if block_d >= 128 else 4, "num_stages": 3 if block_d <= 128 else 2}
+        return {"PAIR": pair} if kind != "dkdv" else {}, (1 if kind != "dkdv" else block_q)
+    if kind != "dkdv":
+        cfg["PAIR"] = pair
+    if kind == "dkdv":
+        inner = min(inner, block_q)
+    else:
+        inner = max(1, min(inner, block_q // 16))
+    return cfg, inner
+
+
+def _run(kernel, grid, args: tuple, cfg: dict, **meta) -> None:
+    """Launch with ``cfg``; if the compiler runs out of shared memory (fp32 tiles, small GPUs), retry
+    with fewer pipeline stages before giving up."""
+    stages = cfg.get("num_stages")
+    while True:
+        try:
+            kernel[grid](*args, **meta, **cfg)
+            return
+        except triton.runtime.errors.OutOfResources:
+            if not stages or stages <= 1:
+                raise
+            stages -= 1
+            cfg = {**cfg, "num_stages": stages}
 
 
 def _launch_fwd(q, k, v, row_count, row_index, scale, block_q, block_k):
@@ -250,14 +300,13 @@ def _launch_fwd(q, k, v, row_count, row_index, scale, block_q, block_k):
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     block_d = _block_d(d)
-    _fwd_kernel[(tq, b * h)](
+    cfg, split = _config("fwd", block_d, block_q, q.is_cuda)
+    _run(_fwd_kernel, (tq * split, b * h), (
         q, k, v, o, lse, row_count, row_index,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         h, lq, lk, d, tq, tk, scale * LOG2E,
-        BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d,
-        IEEE=q.dtype == torch.float32, UPCAST=_upcast(q),
-        **_fwd_config(block_d, q.is_cuda),
-    )
+    ), cfg, BLOCK_M=block_q // split, SPLIT=split, BLOCK_N=block_k, BLOCK_D=block_d,
+        IEEE=q.dtype == torch.float32, UPCAST=_upcast(q))
     return o, lse
 
 
@@ -267,7 +316,6 @@ def _launch_bwd(do, q, k, v, o, lse, row_count, row_index, col_count, col_index,
     tq, tk = row_index.shape[2], row_index.shape[3]
     block_d = _block_d(d)
     ieee = q.dtype == torch.float32
-    cuda = q.is_cuda
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     _bwd_preprocess[(tq, b * h)](
         o, do, delta, *o.stride(), *do.stride(), h, lq, d, BLOCK_M=block_q, BLOCK_D=block_d,
@@ -275,21 +323,18 @@ def _launch_bwd(do, q, k, v, o, lse, row_count, row_index, col_count, col_index,
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    _bwd_dq_kernel[(tq, b * h)](
+    cfg, split = _config("dq", block_d, block_q, q.is_cuda)
+    _run(_bwd_dq_kernel, (tq * split, b * h), (
         q, k, v, do, dq, lse, delta, row_count, row_index,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         h, lq, lk, d, tq, tk, scale * LOG2E, scale,
-        BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, IEEE=ieee, UPCAST=_upcast(q),
-        **({"num_warps": 8, "num_stages": 2} if cuda else {}),
-    )
-    sub_m = min(block_q, 64 if block_d <= 64 else 32) if cuda else block_q
-    _bwd_dkdv_kernel[(tk, b * h)](
+    ), cfg, BLOCK_M=block_q // split, SPLIT=split, BLOCK_N=block_k, BLOCK_D=block_d, IEEE=ieee, UPCAST=_upcast(q))
+    cfg, sub_m = _config("dkdv", block_d, block_q, q.is_cuda)
+    _run(_bwd_dkdv_kernel, (tk, b * h), (
         q, k, v, do, dk, dv, lse, delta, col_count, col_index,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         h, lq, lk, d, tq, tk, scale * LOG2E, scale,
-        BLOCK_M=block_q, SUB_M=sub_m, BLOCK_N=block_k, BLOCK_D=block_d, IEEE=ieee, UPCAST=_upcast(q),
-        **({"num_warps": 4 if block_d <= 64 else 8, "num_stages": 2} if cuda else {}),
-    )
+    ), cfg, BLOCK_M=block_q, SUB_M=sub_m, BLOCK_N=block_k, BLOCK_D=block_d, IEEE=ieee, UPCAST=_upcast(q))
     return dq, dk, dv
 
 

@@ -59,7 +59,7 @@ def block_mean(x: torch.Tensor, block: int) -> torch.Tensor:
     t = -(-length // block)
     out = torch.empty((b, h, t, d), device=x.device, dtype=torch.float32)
     block_d = max(16, triton.next_power_of_2(d))
-    chunk = min(block, 32)
+    chunk = min(block, 64)
     _block_mean_kernel[(t, b * h)](
         x, out,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),

@@ -1,0 +1,141 @@
+"""Fused mask building: block selection (softmax + Top-k/Top-p + row lists) and list building, in Triton.
+
+`select_blocks` turns pooled logits ``[B, H, Tq, Tk]`` into the hybrid mask in one launch: each program
+owns one query block, takes the softmax of its row and, without sorting, finds by radix-select
+(bisection over the float bits) the Top-k threshold and the value where the descending cumulative
+mass reaches p; the hybrid mask keeps the top ``max(n_k, n_p)`` blocks, ties to the lower index. It
+writes the row list (ascending block index), the kept count and the dense mask row. `mask_lists` builds ascending index lists from any dense mask (rows, or columns through a
+transposed view). No host synchronisation anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparge.kernels import HAS_TRITON
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _largest_threshold(bits, prob, target, WEIGHTED: tl.constexpr):
+        """Largest bit pattern T with count(bits >= T) >= target (or sum of prob over bits >= T, if WEIGHTED).
+
+        Non-negative float32 values order like their int32 bit patterns, so a 31-step bisection over
+        the bits finds an element's exact value: the target-th largest, or where the mass reaches p.
+        """
+        lo = tl.zeros([], dtype=tl.int32)
+        hi = tl.full([], 0x7F800000, dtype=tl.int32)
+        for _ in range(31):
+            mid = lo + (hi - lo + 1) // 2
+            sel = bits >= mid
+            if WEIGHTED:
+                amount = tl.sum(tl.where(sel, prob, 0.0), 0)
+            else:
+                amount = tl.sum(sel.to(tl.float32), 0)
+            ok = amount >= target
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+        return lo
+
+    @triton.jit
+    def _select_kernel(
+        Logits, RowCount, RowIndex, Dense,
+        Tk, scale, n_k, topp,
+        BLOCK_T: tl.constexpr, USE_K: tl.constexpr, USE_P: tl.constexpr, ALL: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_T)
+        valid = offs < Tk
+        x = tl.load(Logits + row * Tk + offs, mask=valid, other=float("-inf")).to(tl.float32) * scale
+        x = tl.where(valid, x, float("-inf"))
+        e = tl.exp(x - tl.max(x, 0))
+        prob = tl.where(valid, e / tl.sum(e, 0), 0.0)
+        bits = tl.where(valid, prob.to(tl.int32, bitcast=True), -1)
+        # the hybrid mask is the top-`count` blocks (descending probability, ties to the lower index)
+        count = tl.zeros([], dtype=tl.int32)
+        thr = tl.full([], 0x7F800000, dtype=tl.int32)
+        if USE_K:
+            count = tl.minimum(n_k, Tk)
+            thr = _largest_threshold(bits, prob, count.to(tl.float32), False)
+        if USE_P:
+            v_p = _largest_threshold(bits, prob, topp, True)
+            above = bits > v_p
+            n_above = tl.sum(above.to(tl.int32), 0)
+            mass_above = tl.sum(tl.where(above, prob, 0.0), 0)
+            n_tie = tl.sum((bits == v_p).to(tl.int32), 0)
+            v_val = tl.maximum(v_p.to(tl.float32, bitcast=True), 1e-38)
+            need = tl.maximum(tl.ceil((topp - mass_above) / v_val).to(tl.int32), 1)
+            n_p = tl.maximum(n_above + tl.minimum(need, n_tie), 1)
+            thr = tl.where(n_p > count, v_p, thr)
+            count = tl.maximum(count, n_p)
+        if ALL:
+            count = Tk
+            thr = tl.zeros([], dtype=tl.int32)
+        above = bits > thr
+        tie = bits == thr
+        tie_rank = tl.cumsum(tie.to(tl.int32), 0) - 1
+        kept = valid & (above | (tie & (tie_rank < count - tl.sum(above.to(tl.int32), 0))))
+        pos = tl.cumsum(kept.to(tl.int32), 0) - 1
+        tl.store(RowIndex + row * Tk + pos, offs.to(tl.int32), mask=kept)
+        tl.store(Dense + row * Tk + offs, kept.to(tl.int8), mask=valid)
+        tl.store(RowCount + row, tl.sum(kept.to(tl.int32), 0))
+
+    @triton.jit
+    def _lists_kernel(
+        Mask, Count, Index,
+        R, C, stride_mb, stride_mr, stride_mc,
+        BLOCK_C: tl.constexpr,
+    ):
+        r = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        offs = tl.arange(0, BLOCK_C)
+        valid = offs < C
+        m = tl.load(Mask + b * stride_mb + r * stride_mr + offs * stride_mc, mask=valid, other=0).to(tl.int32)
+        pos = tl.cumsum(m, 0) - 1
+        out = (b * R + r) * C
+        tl.store(Index + out + pos, offs.to(tl.int32), mask=valid & (m != 0))
+        tl.store(Count + b * R + r, tl.sum(m, 0))
+
+
+def select_blocks(logits: torch.Tensor, scale: float, n_k: int, topp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hybrid selection on the GPU (or the Triton interpreter).
+
+    Args:
+        logits: ``[B, H, Tq, Tk]`` float32 pooled ``mean(Q_i) . mean(K_j)`` (unscaled), contiguous.
+        scale: score scale; n_k: Top-k block count (0 = off); topp: Top-p mass (0 = off, >= 1 = dense).
+
+    Returns:
+        ``(row_count [B,H,Tq] int32, row_index [B,H,Tq,Tk] int32 ascending, dense [B,H,Tq,Tk] bool)``.
+    """
+    b, h, tq, tk = logits.shape
+    logits = logits.contiguous()
+    row_count = torch.empty((b, h, tq), dtype=torch.int32, device=logits.device)
+    row_index = torch.zeros((b, h, tq, tk), dtype=torch.int32, device=logits.device)
+    dense = torch.empty((b, h, tq, tk), dtype=torch.int8, device=logits.device)
+    block_t = max(16, triton.next_power_of_2(tk))
+    _select_kernel[(b * h * tq,)](
+        logits, row_count, row_index, dense, tk, float(scale), int(n_k), float(topp),
+        BLOCK_T=block_t, USE_K=n_k > 0, USE_P=topp > 0, ALL=topp >= 1.0 or n_k >= tk,
+        num_warps=4 if block_t <= 1024 else 8,
+    )
+    return row_count, row_index, dense.view(torch.bool)
+
+
+def mask_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending index lists of the True entries along the last dim of ``mask`` ``[B, H, R, C]`` (any strides).
+
+    Returns ``(count [B,H,R] int32, index [B,H,R,C] int32)``; entries past ``count`` are 0.
+    """
+    b, h, r, c = mask.shape
+    m = mask.view(torch.int8) if mask.dtype == torch.bool else mask
+    if m.stride(0) != h * m.stride(1):  # heads must be flattenable with the batch
+        m = m.contiguous()
+    count = torch.empty((b, h, r), dtype=torch.int32, device=mask.device)
+    index = torch.zeros((b, h, r, c), dtype=torch.int32, device=mask.device)
+    _lists_kernel[(r, b * h)](
+        m, count, index, r, c, m.stride(1), m.stride(2), m.stride(3),
+        BLOCK_C=max(16, triton.next_power_of_2(c)), num_warps=4,
+    )
+    return count, index
