@@ -11,6 +11,7 @@ dim over 256 -- the exact plain-PyTorch path of `sparge.reference` runs instead,
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
@@ -210,6 +211,8 @@ def block_sparse_attention(
         raise ValueError(f"mask is on {mask_device(mask)} but q is on {q.device}: put them on one device")
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if not (math.isfinite(float(scale)) and float(scale) > 0):
+        raise ValueError(f"scale={scale!r} is not accepted: use a positive finite number (default 1/sqrt(head_dim))")
     if _resolve_backend(q, backend) == "torch":
         dense = mask.to_dense() if isinstance(mask, BlockMask) else mask
         return reference.block_sparse_attention(q, k, v, dense, block_q, block_k, scale)

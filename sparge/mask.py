@@ -169,15 +169,16 @@ def mask_from_scores(scores: torch.Tensor, *, topk: float, topp: float) -> torch
 def _select(
     q: torch.Tensor, k: torch.Tensor, topk: float, topp: float, block_q: int, block_k: int, scale: float | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row_count, row_index sorted by score, dense mask) of the hybrid selection; one path per device."""
+    """(row_count, row_index ascending, dense mask) of the hybrid selection; one path per device."""
     from sparge.kernels import triton_available
 
     topk, topp = check_knobs(topk, topp)
     check_qk(q, k, block_q, block_k)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    pq = block_pool(q, block_q)
-    pk = block_pool(k, block_k)
+    from sparge.kernels.pool import block_mean_pair
+
+    pq, pk = block_mean_pair(q, k, block_q, block_k)
     tk = pk.shape[2]
     if triton_available(q) and q.dtype != torch.float64:
         from sparge.kernels.mask_lut import select_blocks
@@ -187,7 +188,8 @@ def _select(
     scores = torch.softmax(torch.matmul(pq, pk.transpose(-1, -2)) * scale, dim=-1)
     sorted_scores, order = _sort_scores(scores)
     count = _keep_counts(sorted_scores, topk, topp)
-    return count, order.to(torch.int32), _prefix_to_dense(order, count)
+    dense = _prefix_to_dense(order, count)
+    return (*_index_lists(dense), dense)
 
 
 def hybrid_block_mask(
