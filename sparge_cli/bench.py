@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 
 import typer
@@ -77,6 +79,7 @@ def register(app: typer.Typer) -> None:
                 result = {"environment": env, "matmul_peak_tflops_bf16": peak, "rows": rows, "summary": B.summarize(rows)}
                 if not json_out:
                     _print_tables(result)
+            result["command"] = "sparge " + shlex.join(sys.argv[1:])
             if out is not None:
                 write_json_atomic(out, result)
             if json_out:
