@@ -29,6 +29,10 @@ from sparge_cli import generate as _generate  # noqa: E402
 
 _generate.register(app)
 
+from sparge_cli import calibrate as _calibrate  # noqa: E402
+
+_calibrate.register(app)
+
 
 def main() -> None:
     app()
