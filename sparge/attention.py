@@ -250,5 +250,5 @@ def sparge_attention(
     """
     _check_qkv(q, k, v)
     with torch.no_grad():
-        bm = build_block_mask(q, k, topk=topk, topp=topp, block_q=block_q, block_k=block_k, scale=scale)
+        bm = build_block_mask(q, k, topk=topk, topp=topp, block_q=block_q, block_k=block_k, scale=scale, backend=backend)
     return block_sparse_attention(q, k, v, bm, scale=scale, backend=backend)

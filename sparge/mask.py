@@ -166,21 +166,35 @@ def mask_from_scores(scores: torch.Tensor, *, topk: float, topp: float) -> torch
     return _prefix_to_dense(order, _keep_counts(sorted_scores, topk, topp))
 
 
-def _select(
-    q: torch.Tensor, k: torch.Tensor, topk: float, topp: float, block_q: int, block_k: int, scale: float | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row_count, row_index ascending, dense mask) of the hybrid selection; one path per device."""
+def _use_triton(x: torch.Tensor, backend: str) -> bool:
+    """Whether the mask path runs its Triton kernels: ``backend="torch"`` forces plain torch everywhere."""
     from sparge.kernels import triton_available
 
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend={backend!r} is not known: use 'auto', 'triton' or 'torch'")
+    return backend != "torch" and x.dtype != torch.float64 and triton_available(x)
+
+
+def _select(
+    q: torch.Tensor, k: torch.Tensor, topk: float, topp: float, block_q: int, block_k: int, scale: float | None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row_count, row_index ascending, dense mask) of the hybrid selection; one path per device."""
     topk, topp = check_knobs(topk, topp)
     check_qk(q, k, block_q, block_k)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    from sparge.kernels.pool import block_mean_pair
+    fast = _use_triton(q, backend)
+    if fast:
+        from sparge.kernels.pool import block_mean_pair
 
-    pq, pk = block_mean_pair(q, k, block_q, block_k)
+        pq, pk = block_mean_pair(q, k, block_q, block_k)
+    else:
+        from sparge.kernels.pool import block_mean_torch
+
+        pq, pk = block_mean_torch(q, block_q), block_mean_torch(k, block_k)
     tk = pk.shape[2]
-    if triton_available(q) and q.dtype != torch.float64:
+    if fast:
         from sparge.kernels.mask_lut import select_blocks
 
         n_k = tk if topk >= 1.0 else (max(1, math.ceil(topk * tk)) if topk > 0 else 0)
@@ -189,7 +203,7 @@ def _select(
     sorted_scores, order = _sort_scores(scores)
     count = _keep_counts(sorted_scores, topk, topp)
     dense = _prefix_to_dense(order, count)
-    return (*_index_lists(dense), dense)
+    return (*_index_lists(dense, backend), dense)
 
 
 def hybrid_block_mask(
@@ -258,11 +272,9 @@ def topp_block_mask(
     return hybrid_block_mask(q, k, topk=0.0, topp=topp, block_q=block_q, block_k=block_k, scale=scale)
 
 
-def _index_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _index_lists(mask: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(count, ascending indices) of the True entries along the last dim of a ``[B, H, R, C]`` bool mask."""
-    from sparge.kernels import triton_available
-
-    if triton_available(mask):
+    if _use_triton(mask, backend):
         from sparge.kernels.mask_lut import mask_lists
 
         return mask_lists(mask)
@@ -386,13 +398,17 @@ def build_block_mask(
     block_q: int = 128,
     block_k: int = 64,
     scale: float | None = None,
+    backend: str = "auto",
 ) -> BlockMask:
     """Hybrid mask straight into the kernels' `BlockMask` form (same selection as :func:`hybrid_block_mask`).
+
+    ``backend="torch"`` builds it with plain torch ops only (no Triton, not even the interpreter);
+    ``"auto"``/``"triton"`` use the fused kernels where Triton runs.
 
     The row lists come from the same sort that selects the blocks (no second pass; on GPU one fused
     Triton launch does softmax, sort, Top-k/Top-p and the lists); the column lists are built from the
     dense mask. No host synchronisation.
     """
-    row_count, row_index, dense = _select(q, k, topk, topp, block_q, block_k, scale)
-    col_count, col_index = _index_lists(dense.transpose(-1, -2))
+    row_count, row_index, dense = _select(q, k, topk, topp, block_q, block_k, scale, backend)
+    col_count, col_index = _index_lists(dense.transpose(-1, -2), backend)
     return BlockMask(row_count, row_index, col_count, col_index, q.shape[2], k.shape[2], block_q, block_k, dense=dense)

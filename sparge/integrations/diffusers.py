@@ -182,7 +182,7 @@ class SpargeWanAttnProcessor:
         topk, topp = cfg.knobs_for(self.layer)
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         with torch.no_grad():
-            bm = build_block_mask(q, k, topk=topk, topp=topp, block_q=cfg.block_q, block_k=cfg.block_k)
+            bm = build_block_mask(q, k, topk=topk, topp=topp, block_q=cfg.block_q, block_k=cfg.block_k, backend=cfg.backend)
         if h.collect_stats:
             h._record(self.layer, step, bm.sparsity_tensor())
         return block_sparse_attention(q, k, v, bm, backend=cfg.backend).transpose(1, 2)
