@@ -33,6 +33,10 @@ from sparge_cli import calibrate as _calibrate  # noqa: E402
 
 _calibrate.register(app)
 
+from sparge_cli import finetune as _finetune  # noqa: E402
+
+_finetune.register(app)
+
 
 def main() -> None:
     app()
