@@ -224,12 +224,14 @@ def test_paired_key_tiles_match_reference(monkeypatch):
         for c in cfgs[kind].values():
             c["pair"] = 2
     monkeypatch.setattr(K, "KERNEL_CONFIGS", cfgs)
-    q, k, v = _qkv(1, 2, 300, 330, 64, seed=11)
+    # fp32 on the interpreter (exact); fp16 on a GPU, where an fp32 "ieee" 128x128 tile compiles for minutes
+    dtype, tol = (torch.float16, 5e-3) if DEV == "cuda" else (torch.float32, 1e-5)
+    q, k, v = _qkv(1, 2, 300, 330, 64, dtype=dtype, seed=11)
     mask = _rand_mask(1, 2, 300, 330, 0.5, seed=11)
     mask[..., 0, :3] = True  # an odd count on the first row
-    do = torch.randn(1, 2, 300, 64, generator=torch.Generator().manual_seed(12)).to(DEV)
+    do = torch.randn(1, 2, 300, 64, generator=torch.Generator().manual_seed(12)).to(dtype).to(DEV)
     for g_, r_ in zip(_run(q, k, v, mask, do), _golden(q, k, v, mask, do)):
-        assert _rel(g_, r_) < 1e-5
+        assert _rel(g_, r_) < tol
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: a Wan-like head dim and length in bf16")
