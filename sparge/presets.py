@@ -342,3 +342,25 @@ def _comment_lines(text: str) -> int:
         else:
             break
     return n
+
+
+DEFAULT_PRESET = "wan2.1-t2v-1.3b-480p"
+
+
+def resolve_preset(
+    preset: str | os.PathLike | None, model: str | None, height: int | None = None, width: int | None = None
+) -> tuple[Preset | None, str]:
+    """The preset a command uses and the model it runs: ``preset`` if given; else the shipped preset for
+    ``model`` (at ``height`` x ``width`` when given); else, without a model, `DEFAULT_PRESET`.
+
+    Returns ``(preset or None when the model has none, model id or path)``.
+    """
+    if preset is not None:
+        pr: Preset | None = load_preset(preset)
+    elif model is None:
+        pr = load_preset(DEFAULT_PRESET)
+    else:
+        pr = find_preset(model, height, width) or (find_preset(model) if height is None and width is None else None)
+    model_id = model or (pr.model if pr is not None else None)
+    assert model_id is not None  # a preset always names its model
+    return pr, model_id

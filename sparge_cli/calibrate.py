@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import typer
 
+from sparge.presets import DEFAULT_PRESET
 from sparge_cli.common import (
     UsageError,
     atomic_path,
@@ -30,7 +31,6 @@ from sparge_cli.common import (
     print_json,
 )
 
-DEFAULT_PRESET = "wan2.1-t2v-1.3b-480p"
 
 EXAMPLES = """
 Examples:
@@ -181,7 +181,7 @@ def run_calibrate(
     ``("per_layer", PerLayerResult.to_dict())`` after each per-layer search (benchmark scripts save them, so a
     run cut short still leaves numbers).
     """
-    from sparge.presets import Preset, find_preset, load_preset
+    from sparge.presets import resolve_preset
 
     # -- options that need no model ---------------------------------------------------------------------
     targets = _check_targets(targets)
@@ -210,15 +210,7 @@ def run_calibrate(
         raise UsageError(f"--spill-dir {spill_dir} is a file: give a directory")
 
     # -- preset, geometry, destination --------------------------------------------------------------------
-    pr: Preset | None
-    if preset is not None:
-        pr = load_preset(preset)
-    elif model is None:
-        pr = load_preset(DEFAULT_PRESET)
-    else:
-        pr = find_preset(model, height, width) or (find_preset(model) if height is None and width is None else None)
-    model_id = model or (pr.model if pr is not None else None)
-    assert model_id is not None
+    pr, model_id = resolve_preset(preset, model, height, width)
     height = height if height is not None else (pr.height if pr else 480)
     width = width if width is not None else (pr.width if pr else 832)
     frames = frames if frames is not None else (pr.frames if pr else 81)

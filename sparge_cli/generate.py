@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import typer
 
+from sparge.presets import DEFAULT_PRESET
 from sparge_cli.common import (
     UsageError,
     atomic_path,
@@ -26,7 +27,6 @@ from sparge_cli.common import (
     write_json_atomic,
 )
 
-DEFAULT_PRESET = "wan2.1-t2v-1.3b-480p"
 WAN_FPS = 16
 
 EXAMPLES = """
@@ -149,7 +149,7 @@ def run_generate(
     backend: str = "auto",
 ) -> dict[str, Any]:
     """Validate everything cheap first, then load, generate, write the mp4 and the sidecar; return the summary."""
-    from sparge.presets import Preset, find_preset, load_preset
+    from sparge.presets import resolve_preset
 
     # -- options that need no model --------------------------------------------------------------
     if not prompt.strip():
@@ -181,15 +181,7 @@ def run_generate(
         raise UsageError(f"--checkpoint {checkpoint} does not exist: pass a .safetensors file written by `sparge finetune`")
 
     # -- preset and geometry ------------------------------------------------------------------------
-    pr: Preset | None
-    if preset is not None:
-        pr = load_preset(preset)
-    elif model is None:
-        pr = load_preset(DEFAULT_PRESET)
-    else:
-        pr = find_preset(model, height, width) or (find_preset(model) if height is None and width is None else None)
-    model_id = model or (pr.model if pr is not None else None)
-    assert model_id is not None
+    pr, model_id = resolve_preset(preset, model, height, width)
     if pr is None and not dense and topk is None:
         raise UsageError(
             f"no shipped preset for model {model_id}"
