@@ -285,7 +285,6 @@ def summarize(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r.get("method") != "sparge" or "error" in r:
             continue
-        key = (r["shape"], r["target_sparsity"], r["pass"])
         entry = {"shape": r["shape"], "sparsity": r["target_sparsity"], "measured_sparsity": r["measured_sparsity"], "pass": r["pass"],
                  "sparge_total_ms": r["total_ms"], "sparge_kernel_ms": r["ms"], "mask_ms": r["mask_ms"]}
         for dense in ("sdpa-cudnn", "sdpa-flash"):

@@ -9,23 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sparge._atomic import atomic_file
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "load_transformer_weights", "read_checkpoint_metadata", "save_transformer_weights"]
 
 CHECKPOINT_FORMAT = "sparge-student"
 CHECKPOINT_VERSION = "1"
 _RESERVED = ("format", "version")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _names(keys: list[str], n: int = 3) -> str:
@@ -58,15 +53,8 @@ def save_transformer_weights(path: str | os.PathLike, transformer: torch.nn.Modu
         raise ValueError(f"checkpoint metadata must be JSON-serialisable: {e}") from None
     meta.update(format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in transformer.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the checkpoint gets the usual file mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sparge._atomic import atomic_dir
 
 VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
 CACHE_FORMAT = "sparge-latent-cache"
@@ -248,8 +248,7 @@ def write_cache(
     if out.exists() and not overwrite:
         raise ValueError(f"cache folder {out} already exists: pass --overwrite to rebuild it, or choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         lat_shape, text_dim, index_rows = None, None, []
         for i, (item, info) in enumerate(items):
             shape = list(item["latents"].shape)
@@ -269,12 +268,6 @@ def write_cache(
                  "max_sequence_length": max_sequence_length, "latent_shape": lat_shape, "text_dim": text_dim,
                  **(metadata or {}), "samples": index_rows}
         (tmp / "cache.json").write_text(json.dumps(index, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -47,7 +47,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -56,6 +55,7 @@ from typing import Any, Literal
 
 import torch
 
+from sparge._atomic import atomic_dir
 from sparge.attention import SpargeConfig
 from sparge.data import LatentCache, sample_order
 
@@ -559,19 +559,12 @@ class Finetuner:
                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         final = self.out / f"ckpt-{self.step:06d}"
         if self.dist.is_main:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.out))
-            try:
+            with atomic_dir(final) as tmp:
                 save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
                 torch.save(optim, tmp / "optimizer.pt")
                 torch.save({"version": CKPT_FORMAT_VERSION, "step": self.step, "scheduler": self.scheduler.state_dict(),
                             "rng": _rng_state(self.device), "config": asdict(self.cfg)}, tmp / "trainer.pt")
                 (tmp / "state.json").write_text(json.dumps({"step": self.step, "config": asdict(self.cfg)}, indent=2) + "\n")
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
             for _, old in list_checkpoints(self.out)[: -self.cfg.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier(self.dist)

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from sparge._atomic import atomic_file
 from sparge.attention import SpargeConfig
 
 __all__ = ["Level", "Preset", "find_preset", "list_presets", "load_preset", "presets_dir", "write_level"]
@@ -322,15 +322,8 @@ def write_level(path: str | os.PathLike, target: float, level: Level | dict[str,
     new = _parse(path, data)
     header = "".join(line for line in text.splitlines(keepends=True)[: _comment_lines(text)])
     body = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        Path(tmp).write_text(header + body)
-        os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path, mode=path.stat().st_mode & 0o777) as tmp:
+        tmp.write_text(header + body)
     return new
 
 
@@ -344,21 +337,18 @@ def _comment_lines(text: str) -> int:
     return n
 
 
-DEFAULT_PRESET = "wan2.1-t2v-1.3b-480p"
-
-
 def resolve_preset(
-    preset: str | os.PathLike | None, model: str | None, height: int | None = None, width: int | None = None
+    preset: str | os.PathLike | None, model: str | None, height: int | None = None, width: int | None = None, *, default: str
 ) -> tuple[Preset | None, str]:
     """The preset a command uses and the model it runs: ``preset`` if given; else the shipped preset for
-    ``model`` (at ``height`` x ``width`` when given); else, without a model, `DEFAULT_PRESET`.
+    ``model`` (at ``height`` x ``width`` when given); else, without a model, the preset named ``default``.
 
     Returns ``(preset or None when the model has none, model id or path)``.
     """
     if preset is not None:
         pr: Preset | None = load_preset(preset)
     elif model is None:
-        pr = load_preset(DEFAULT_PRESET)
+        pr = load_preset(default)
     else:
         pr = find_preset(model, height, width) or (find_preset(model) if height is None and width is None else None)
     model_id = model or (pr.model if pr is not None else None)

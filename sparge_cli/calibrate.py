@@ -18,8 +18,8 @@ from typing import Any, Optional
 
 import typer
 
-from sparge.presets import DEFAULT_PRESET
 from sparge_cli.common import (
+    DEFAULT_PRESET,
     UsageError,
     atomic_path,
     check_writable_target,
@@ -29,6 +29,7 @@ from sparge_cli.common import (
     parse_device,
     parse_dtype,
     print_json,
+    quiet_hf,
 )
 
 
@@ -210,7 +211,7 @@ def run_calibrate(
         raise UsageError(f"--spill-dir {spill_dir} is a file: give a directory")
 
     # -- preset, geometry, destination --------------------------------------------------------------------
-    pr, model_id = resolve_preset(preset, model, height, width)
+    pr, model_id = resolve_preset(preset, model, height, width, default=DEFAULT_PRESET)
     height = height if height is not None else (pr.height if pr else 480)
     width = width if width is not None else (pr.width if pr else 832)
     frames = frames if frames is not None else (pr.frames if pr else 81)
@@ -258,7 +259,7 @@ def run_calibrate(
     from sparge import calibrate as cal
     from sparge.integrations.diffusers import load_wan_pipeline, wan_transformers
 
-    _quiet_hf()
+    quiet_hf()
     ui = err_console if as_json else console
     t_start = time.perf_counter()
     with ui.status(f"loading {model_id} ({dtype}) ..."):
@@ -425,20 +426,6 @@ def _version() -> str:
 
 def _gib(n: int) -> str:
     return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 28 else f"{n / (1 << 20):.1f} MiB"
-
-
-def _quiet_hf() -> None:
-    try:
-        from diffusers.utils import logging as dlog
-
-        dlog.disable_progress_bar()
-        dlog.set_verbosity_error()
-        from transformers.utils import logging as tlog
-
-        tlog.disable_progress_bar()
-        tlog.set_verbosity_error()
-    except Exception:  # pragma: no cover - cosmetic only
-        pass
 
 
 def _progress(ui: Any) -> Any:

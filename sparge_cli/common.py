@@ -11,13 +11,13 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
+
 
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -67,23 +67,16 @@ def check_writable_target(path: Path, overwrite: bool, what: str = "output") -> 
         raise UsageError(f"cannot write {what} {path}: directory {parent} is not writable")
 
 
+DEFAULT_PRESET = "wan2.1-t2v-1.3b-480p"  # without --model and --preset
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=str(path.parent or "."))
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        if tmp_path.exists():  # mkstemp makes 0600 files; give the result the mode a plain open() would
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    """`sparge._atomic.atomic_file`, imported only when used: the CLI starts without importing torch."""
+    from sparge._atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        yield tmp
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -118,3 +111,18 @@ def parse_device(name: str, need_cuda: bool = False):
     if need_cuda and dev.type != "cuda":
         raise UsageError(f"this command needs a CUDA GPU (--device cuda), got --device {name}")
     return dev
+
+
+def quiet_hf() -> None:
+    """Silence diffusers' and transformers' own progress bars and info logs (ours replace them)."""
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except Exception:  # pragma: no cover - cosmetic only
+        pass

@@ -13,8 +13,8 @@ from typing import Any, Optional
 
 import typer
 
-from sparge.presets import DEFAULT_PRESET
 from sparge_cli.common import (
+    DEFAULT_PRESET,
     UsageError,
     atomic_path,
     check_writable_target,
@@ -24,6 +24,7 @@ from sparge_cli.common import (
     parse_device,
     parse_dtype,
     print_json,
+    quiet_hf,
     write_json_atomic,
 )
 
@@ -181,7 +182,7 @@ def run_generate(
         raise UsageError(f"--checkpoint {checkpoint} does not exist: pass a .safetensors file written by `sparge finetune`")
 
     # -- preset and geometry ------------------------------------------------------------------------
-    pr, model_id = resolve_preset(preset, model, height, width)
+    pr, model_id = resolve_preset(preset, model, height, width, default=DEFAULT_PRESET)
     if pr is None and not dense and topk is None:
         raise UsageError(
             f"no shipped preset for model {model_id}"
@@ -215,7 +216,7 @@ def run_generate(
     # -- load -------------------------------------------------------------------------------------------
     from sparge.integrations.diffusers import apply, load_wan_pipeline
 
-    _quiet_hf()
+    quiet_hf()
     out_console = err_console if as_json else console
     t_load = time.perf_counter()
     with out_console.status(f"loading {model_id} ({dtype}) ..."):
@@ -292,20 +293,6 @@ def _shipped() -> list[str]:
     from sparge.presets import list_presets
 
     return list_presets()
-
-
-def _quiet_hf() -> None:
-    try:
-        from diffusers.utils import logging as dlog
-
-        dlog.disable_progress_bar()
-        dlog.set_verbosity_error()
-        from transformers.utils import logging as tlog
-
-        tlog.disable_progress_bar()
-        tlog.set_verbosity_error()
-    except Exception:  # pragma: no cover - cosmetic only
-        pass
 
 
 def _generate(pipe, handle, out_console, *, prompt, negative_prompt, steps, guidance_scale, seed, frames, height, width, device):

@@ -14,11 +14,12 @@ Sizes: with `tiny_generation_kwargs()` (9 frames, 128 x 160) the latent video is
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sparge._atomic import atomic_dir
 
 __all__ = ["TINY_MODEL_NAME", "build_tiny_pipeline", "tiny_generation_kwargs", "tiny_transformer_config"]
 
@@ -144,22 +145,8 @@ def build_tiny_pipeline(
     )
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer)
     # write into a sibling temp dir, then rename: a half-written model directory never appears at `path`
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=str(path.parent)))
-    try:
-        from sparge.checkpoint import _umask
-
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+    with atomic_dir(path) as tmp:
         pipe.save_pretrained(tmp)
-        if path.exists():
-            import shutil
-
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

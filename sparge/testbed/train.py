@@ -39,9 +39,7 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +48,7 @@ from typing import Any
 
 import torch
 
+from sparge._atomic import atomic_dir
 from sparge.testbed.data import (
     MICRO_GEOMETRY,
     Geometry,
@@ -394,19 +393,11 @@ def save_pipeline(pipe: Any, path: str | os.PathLike, cfg: TestbedConfig, *, ove
         tokenizer=pipe.tokenizer, vae=pipe.vae, scheduler=pipe.scheduler,
         transformer=_cpu_copy(state["transformer"], dtype), text_encoder=_cpu_copy(state["text_encoder"], dtype),
     )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=str(parent)))
-    try:
+    with atomic_dir(path) as tmp:
         out.save_pretrained(tmp, safe_serialization=True)
         info = {"format": "sparge-testbed", "version": 1, "config": cfg.to_dict(), "geometry": dataclasses.asdict(cfg.geometry),
                 "pipeline_kwargs": cfg.geometry.pipeline_kwargs(), "tokens": cfg.geometry.tokens, **(extra or {})}
         (tmp / "testbed.json").write_text(json.dumps(info, indent=2) + "\n")
-        _publish_permissions(tmp)
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -420,14 +411,6 @@ def _cpu_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
         if t.is_floating_point() and not any(k in name.split(".") for k in keep):
             t.data = t.data.to(dtype)
     return out
-
-
-def _publish_permissions(root: Path) -> None:
-    """mkdtemp makes 0700 dirs: give the saved tree the usual umask permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [root, *root.rglob("*")]:
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def main(argv: list[str] | None = None) -> int:
