@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--shape", default="1,12,32760,128")
     ap.add_argument("--sparsity", type=float, default=0.95)
+    ap.add_argument("--kinds", default="fwd,dq,dkdv", help="comma-separated kernel families to sweep")
     args = ap.parse_args()
     b, h, l, d = (int(x) for x in args.shape.split(","))
     dev = torch.device("cuda")
@@ -40,10 +41,13 @@ def main() -> None:
     rel = lambda a, r: float((a.float() - r.float()).norm() / r.float().norm())
     results = []
     space = {
-        "fwd": [dict(split=1, pair=p, num_warps=w, num_stages=st) for p, w, st in itertools.product((1, 2), (4, 8), (2, 3, 4))],
+        "fwd": [dict(split=1, pair=1, desc=2, num_warps=8, num_stages=st) for st in (2, 3, 4)]
+        + [dict(split=1, pair=1, desc=1, num_warps=8, num_stages=4)]
+        + [dict(split=1, pair=1, desc=0, num_warps=8, num_stages=st) for st in (3, 4)],
         "dq": [dict(split=s, pair=p, num_warps=w, num_stages=st) for s, p, w, st in itertools.product((1, 2), (1, 2), (4, 8), (2, 3))],
         "dkdv": [dict(sub_m=m, num_warps=w, num_stages=st) for m, w, st in itertools.product((32, 64), (4,), (1, 2))] + [dict(sub_m=64, num_warps=8, num_stages=1)],
     }
+    space = {kind: space[kind] for kind in args.kinds.split(",")}
     for kind, cands in space.items():
         for cand in cands:
             K.KERNEL_CONFIGS = copy.deepcopy(base)
@@ -70,7 +74,7 @@ def main() -> None:
         best[kind] = min(ok, key=lambda r: r["ms"]) if ok else None
     print("best:", json.dumps(best, indent=1), flush=True)
     with open(args.out, "w") as f:
-        json.dump({"command": f"python benchmarks/tune_kernels.py --out {args.out} --shape {args.shape} --sparsity {args.sparsity}",
+        json.dump({"command": f"python benchmarks/tune_kernels.py --out {args.out} --shape {args.shape} --sparsity {args.sparsity} --kinds {args.kinds}",
                    "environment": environment(dev), "shape": [b, h, l, d], "measured_sparsity": bm.sparsity(),
                    "results": results, "best": best}, f, indent=1)
 

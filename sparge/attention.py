@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from sparge import reference
-from sparge.kernels import triton_available
+from sparge.kernels import capability, triton_available
 from sparge.mask import (
     BlockMask,
     _check_block,
@@ -114,7 +114,7 @@ def _kernel_refusal(q: torch.Tensor) -> str | None:
         return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
     if not triton_available(q):
         return f"device {q.device} (Triton runs on CUDA, or on the CPU with TRITON_INTERPRET=1)"
-    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 8:
+    if q.is_cuda and capability(q.device)[0] < 8:
         return f"GPU {torch.cuda.get_device_name(q.device)} (compute capability < 8.0)"
     return None
 
@@ -217,6 +217,10 @@ def block_sparse_attention(
         dense = mask.to_dense() if isinstance(mask, BlockMask) else mask
         return reference.block_sparse_attention(q, k, v, dense, block_q, block_k, scale)
     bm = mask if isinstance(mask, BlockMask) else BlockMask.from_dense(mask, lq, lk, block_q=block_q, block_k=block_k)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        from sparge.kernels.block_sparse_attn import attn_fwd
+
+        return attn_fwd(q, k, v, bm.row_count, bm.row_index, float(scale), block_q, block_k)[0]  # no column lists
     return _BlockSparseAttentionFn.apply(
         q, k, v, bm.row_count, bm.row_index, bm.col_count, bm.col_index, float(scale), block_q, block_k
     )

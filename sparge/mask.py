@@ -20,7 +20,7 @@ Everything here runs without host synchronisation, so it can be captured in a CU
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -327,43 +327,59 @@ def mask_sparsity(mask: torch.Tensor, q_len: int, k_len: int, block_q: int = 128
     return float(mask_sparsity_tensor(mask, q_len, k_len, block_q, block_k))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BlockMask:
     """A block-sparse mask as the kernels read it: row lists for forward/dQ, column lists for dK/dV.
 
     Attributes:
         row_count: ``[B, H, Tq]`` int32, key blocks kept by each query block.
-        row_index: ``[B, H, Tq, Tk]`` int32, the kept key-block indices first (``row_count`` of them).
-        col_count: ``[B, H, Tk]`` int32, query blocks that keep each key block.
-        col_index: ``[B, H, Tk, Tq]`` int32, those query-block indices first (ascending).
+        row_index: ``[B, H, Tq, Tk]`` int32, the kept key-block indices first (ascending), then zeros.
         q_len, k_len: real sequence lengths; block_q, block_k: block sizes.
         dense: the ``[B, H, Tq, Tk]`` bool mask, when it was built (else derived from the row lists).
+        backend: how the column lists are built ("auto", "triton" or "torch").
+
+    The column lists (``col_count`` ``[B, H, Tk]`` and ``col_index`` ``[B, H, Tk, Tq]`` int32: the query
+    blocks that keep each key block, ascending) are only needed by the backward pass; they are built on
+    first access and cached, so inference never pays for them.
     """
 
     row_count: torch.Tensor
     row_index: torch.Tensor
-    col_count: torch.Tensor
-    col_index: torch.Tensor
     q_len: int
     k_len: int
     block_q: int
     block_k: int
     dense: torch.Tensor | None = None
+    backend: str = "auto"
+    _columns: list = field(default_factory=list, init=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         b, h, tq, tk = self.row_index.shape
         return (b, h, tq, tk)
 
+    def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(col_count, col_index)``, built from the dense mask on first call (no host synchronisation)."""
+        if not self._columns:
+            self._columns.extend(_index_lists(self.to_dense().transpose(-1, -2), self.backend))
+        return self._columns[0], self._columns[1]
+
+    @property
+    def col_count(self) -> torch.Tensor:
+        return self.columns()[0]
+
+    @property
+    def col_index(self) -> torch.Tensor:
+        return self.columns()[1]
+
     @classmethod
     def from_dense(cls, mask: torch.Tensor, q_len: int, k_len: int, *, block_q: int = 128, block_k: int = 64) -> "BlockMask":
-        """Build row and column lists from a dense ``[B, H, Tq, Tk]`` bool mask."""
+        """Build the row lists (and, lazily, the column lists) from a dense ``[B, H, Tq, Tk]`` bool mask."""
         _check_block("block_q", block_q)
         _check_block("block_k", block_k)
         check_dense_mask(mask, q_len, k_len, block_q, block_k)
         row_count, row_index = _index_lists(mask)
-        col_count, col_index = _index_lists(mask.transpose(-1, -2))
-        return cls(row_count, row_index, col_count, col_index, q_len, k_len, block_q, block_k, dense=mask)
+        return cls(row_count, row_index, q_len, k_len, block_q, block_k, dense=mask)
 
     def to_dense(self) -> torch.Tensor:
         """``[B, H, Tq, Tk]`` bool."""
@@ -405,10 +421,9 @@ def build_block_mask(
     ``backend="torch"`` builds it with plain torch ops only (no Triton, not even the interpreter);
     ``"auto"``/``"triton"`` use the fused kernels where Triton runs.
 
-    The row lists come from the same sort that selects the blocks (no second pass; on GPU one fused
-    Triton launch does softmax, sort, Top-k/Top-p and the lists); the column lists are built from the
-    dense mask. No host synchronisation.
+    The row lists come from the same pass that selects the blocks (on GPU one fused Triton launch does
+    softmax, Top-k/Top-p and the lists); the column lists, needed only for gradients, are built from the
+    dense mask when first used. No host synchronisation.
     """
     row_count, row_index, dense = _select(q, k, topk, topp, block_q, block_k, scale, backend)
-    col_count, col_index = _index_lists(dense.transpose(-1, -2), backend)
-    return BlockMask(row_count, row_index, col_count, col_index, q.shape[2], k.shape[2], block_q, block_k, dense=dense)
+    return BlockMask(row_count, row_index, q.shape[2], k.shape[2], block_q, block_k, dense=dense, backend=backend)

@@ -234,6 +234,29 @@ def test_paired_key_tiles_match_reference(monkeypatch):
         assert _rel(g_, r_) < tol
 
 
+@needs_triton
+@pytest.mark.parametrize("desc", [0, 1, 2])
+@pytest.mark.parametrize("d,lk", [(64, 330), (128, 256)])
+def test_forward_descriptor_and_pointer_paths_match_reference(monkeypatch, desc, d, lk):
+    """The forward kernel's TMA-descriptor path and its pointer path, with and without a partial key block."""
+    from sparge.kernels import block_sparse_attn as K
+
+    cfgs = {kind: {dd: dict(c) for dd, c in table.items()} for kind, table in K.KERNEL_CONFIGS.items()}
+    for c in cfgs["fwd"].values():
+        c["desc"] = desc
+    monkeypatch.setattr(K, "KERNEL_CONFIGS", cfgs)
+    dtype, tol = (torch.float16, 5e-3) if DEV == "cuda" else (torch.float32, 1e-5)
+    q, k, v = _qkv(1, 2, 300, lk, d, dtype=dtype, seed=5)
+    mask = _rand_mask(1, 2, 300, lk, 0.5, seed=5)
+    mask[..., 1, :] = False  # an empty row
+    mask[..., 0, -1] = True  # the partial last key block
+    with torch.no_grad():
+        o = sparge.block_sparse_attention(q, k, v, mask)
+    ref = reference.block_sparse_attention(q.detach().double(), k.detach().double(), v.detach().double(), mask, 128, 64, None)
+    assert torch.equal(o[:, :, 128:256], torch.zeros_like(o[:, :, 128:256]))
+    assert _rel(o, ref) < tol
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: a Wan-like head dim and length in bf16")
 @pytest.mark.parametrize("d", [64, 128])
 def test_gpu_dense_mask_path_matches_sdpa_bf16(d):

@@ -28,6 +28,21 @@ def test_block_pool_triton_matches_torch_on_strided_bf16():
     torch.testing.assert_close(block_pool(x, 16), block_mean_torch(x, 16), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tokens,d_chunk", [(None, None), (256, 128), (512, 16)])
+def test_block_mean_pair_groups_of_blocks_with_partial_tails(tokens, d_chunk):
+    """Several blocks per pooling program, a last group with fewer blocks, partial last blocks."""
+    from sparge.kernels import triton_available
+    from sparge.kernels.pool import block_mean_pair
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k = _rand(2, 2, 1000, 32, seed=1).to(dev), _rand(2, 2, 700, 32, seed=2).to(dev)  # Tq = 8, Tk = 11
+    if not triton_available(q):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    pq, pk = block_mean_pair(q, k, 128, 64, tokens=tokens, d_chunk=d_chunk)
+    torch.testing.assert_close(pq, block_mean_torch(q, 128), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pk, block_mean_torch(k, 64), rtol=1e-5, atol=1e-6)
+
+
 def test_block_scores_formula_and_rows_sum_to_one():
     q, k = _rand(1, 2, 200, 32, seed=1), _rand(1, 2, 130, 32, seed=2)
     s = sparge.block_scores(q, k, block_q=64, block_k=64)
@@ -122,6 +137,7 @@ def test_blockmask_lists_roundtrip():
     bm = BlockMask.from_dense(m, 600, 400, block_q=128, block_k=64)
     assert torch.equal(bm.to_dense(), m)
     assert torch.equal(bm.row_count, m.sum(-1).int())
+    assert not bm._columns  # column lists are built on first use only
     assert torch.equal(bm.col_count, m.sum(-2).int())
     for j in range(7):  # column lists ascending and exact
         cnt = int(bm.col_count[1, 2, j])

@@ -6,6 +6,7 @@ on CUDA, or on the CPU under the Triton interpreter (``TRITON_INTERPRET=1``, use
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -29,3 +30,13 @@ def triton_available(t: torch.Tensor) -> bool:
     if t.is_cuda:
         return True
     return t.device.type == "cpu" and interpreter_on()
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_of(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA device, cached (the driver query costs host time on every call)."""
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from sparge.kernels import HAS_TRITON
+from sparge.kernels import HAS_TRITON, capability
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -59,8 +59,11 @@ if HAS_TRITON:
         stride_ob, stride_oh, stride_om, stride_od,
         H, Lq, Lk, D, TQ, TK, qk_scale,
         BLOCK_M: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr, BLOCK_D: tl.constexpr,
-        IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        IEEE: tl.constexpr, UPCAST: tl.constexpr, TAIL: tl.constexpr, DESC: tl.constexpr,
     ):
+        # TAIL: some key block is partial (Lk % BLOCK_N != 0), so scores need the column mask.
+        # DESC: 0 = pointer loads; 1 = TMA descriptors built in the kernel; 2 = Q/K/V/O are host-built 4-D
+        # TMA descriptors ([B, H, L, D]). Descriptors need Hopper+, D == BLOCK_D, 16-byte aligned strides.
         # SPLIT programs share one mask query block of BLOCK_M * SPLIT rows; each step takes PAIR kept
         # key blocks at once (a PAIR * BLOCK_N tile gathered from the row list)
         pid = tl.program_id(0)
@@ -74,35 +77,65 @@ if HAS_TRITON:
         mask_m = offs_m < Lq
         mask_d = offs_d < D
 
-        q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-        k_base = K + off_b * stride_kb + off_h * stride_kh
-        v_base = V + off_b * stride_vb + off_h * stride_vh
         lut_row = pid_bh.to(tl.int64) * TQ + pid_m
         count = tl.load(RowCount + lut_row)
         idx_ptr = RowIndex + lut_row * TK
 
-        q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        if DESC == 2:
+            b32 = pid_bh // H
+            h32 = pid_bh % H
+            q = Q.load([b32, h32, pid * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)
+        elif DESC == 1:
+            k_base = K + off_b * stride_kb + off_h * stride_kh
+            v_base = V + off_b * stride_vb + off_h * stride_vh
+            q_desc = tl.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh, shape=[Lq, BLOCK_D],
+                                               strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
+            k_desc = tl.make_tensor_descriptor(k_base, shape=[Lk, BLOCK_D], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
+            v_desc = tl.make_tensor_descriptor(v_base, shape=[Lk, BLOCK_D], strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_D])
+            q = q_desc.load([pid * BLOCK_M, 0])
+        else:
+            k_base = K + off_b * stride_kb + off_h * stride_kh
+            v_base = V + off_b * stride_vb + off_h * stride_vh
+            q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+            q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
         for t in range(0, count, PAIR):
-            offs_kn, mask_n = _gather_cols(idx_ptr, t, count, Lk, BLOCK_N, PAIR)
-            k = tl.load(
-                k_base + offs_kn[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                mask=mask_n[None, :] & mask_d[:, None], other=0.0,
-            )
-            qk = _mma(q, k, tl.zeros([BLOCK_M, PAIR * BLOCK_N], dtype=tl.float32), IEEE, UPCAST)
-            qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - m_new[:, None])
+            if DESC:
+                kb = tl.load(idx_ptr + t)
+                if DESC == 2:
+                    k = K.load([b32, h32, kb * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
+                else:
+                    k = k_desc.load([kb * BLOCK_N, 0])
+                qk = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE, UPCAST)
+                if TAIL:
+                    qk = tl.where((kb * BLOCK_N + tl.arange(0, BLOCK_N) < Lk)[None, :], qk, float("-inf"))
+            else:
+                offs_kn, mask_n = _gather_cols(idx_ptr, t, count, Lk, BLOCK_N, PAIR)
+                k = tl.load(
+                    k_base + offs_kn[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                    mask=mask_n[None, :] & mask_d[:, None], other=0.0,
+                )
+                qk = _mma(q, k, tl.zeros([BLOCK_M, PAIR * BLOCK_N], dtype=tl.float32), IEEE, UPCAST)
+                if TAIL or PAIR > 1:
+                    qk = tl.where(mask_n[None, :], qk, float("-inf"))
+            # raw-score max, then one fused multiply-add per score (qk_scale > 0 keeps the max)
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
-            v = tl.load(
-                v_base + offs_kn[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=mask_n[:, None] & mask_d[None, :], other=0.0,
-            )
+            if DESC == 2:
+                v = V.load([b32, h32, kb * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
+            elif DESC == 1:
+                v = v_desc.load([kb * BLOCK_N, 0])
+            else:
+                v = tl.load(
+                    v_base + offs_kn[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0,
+                )
             acc = _mma(p.to(v.dtype), v, acc, IEEE, UPCAST)
             m_i = m_new
 
@@ -110,8 +143,15 @@ if HAS_TRITON:
         l_safe = tl.where(nonempty, l_i, 1.0)
         out = acc / l_safe[:, None]
         lse = tl.where(nonempty, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+        if DESC == 2:
+            O.store([b32, h32, pid * BLOCK_M, 0], out.to(O.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+        elif DESC == 1:
+            o_desc = tl.make_tensor_descriptor(O + off_b * stride_ob + off_h * stride_oh, shape=[Lq, BLOCK_D],
+                                               strides=[stride_om, 1], block_shape=[BLOCK_M, BLOCK_D])
+            o_desc.store([pid * BLOCK_M, 0], out.to(O.dtype.element_ty))
+        else:
+            o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+            tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
         tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=mask_m)
 
     @triton.jit
@@ -252,8 +292,9 @@ def _block_d(d: int) -> int:
 # Launch configurations per kernel, keyed by the padded head dim; tuned on an H100 (benchmarks/NOTES.md).
 # split: programs per 128-row query block; sub_m: query rows per step of the dK/dV loop.
 KERNEL_CONFIGS: dict[str, dict[int, dict[str, int]]] = {
-    "fwd": {64: {"split": 1, "pair": 1, "num_warps": 4, "num_stages": 3}, 128: {"split": 1, "pair": 1, "num_warps": 8, "num_stages": 4},
-            256: {"split": 2, "pair": 1, "num_warps": 8, "num_stages": 2}},
+    "fwd": {64: {"split": 1, "pair": 1, "desc": 0, "num_warps": 4, "num_stages": 3},
+            128: {"split": 1, "pair": 1, "desc": 2, "num_warps": 8, "num_stages": 3},
+            256: {"split": 2, "pair": 1, "desc": 0, "num_warps": 8, "num_stages": 2}},
     "dq": {64: {"split": 1, "pair": 1, "num_warps": 4, "num_stages": 2}, 128: {"split": 2, "pair": 1, "num_warps": 4, "num_stages": 2},
            256: {"split": 2, "pair": 1, "num_warps": 8, "num_stages": 1}},
     "dkdv": {64: {"sub_m": 64, "num_warps": 4, "num_stages": 2}, 128: {"sub_m": 64, "num_warps": 4, "num_stages": 1},
@@ -267,10 +308,13 @@ def _config(kind: str, block_d: int, block_q: int, is_cuda: bool) -> tuple[dict,
     cfg = dict(table[min((d for d in table if d >= block_d), default=max(table))])
     inner = cfg.pop("split" if kind != "dkdv" else "sub_m")
     pair = cfg.pop("pair", 1)
+    desc = cfg.pop("desc", None)
+    extra = {"PAIR": pair} if kind != "dkdv" else {}
+    if desc is not None:
+        extra["DESC"] = int(desc)
     if not is_cuda:
-        return {"PAIR": pair} if kind != "dkdv" else {}, (1 if kind != "dkdv" else block_q)
-    if kind != "dkdv":
-        cfg["PAIR"] = pair
+        return extra, (1 if kind != "dkdv" else block_q)
+    cfg.update(extra)
     if kind == "dkdv":
         inner = min(inner, block_q)
     else:
@@ -293,6 +337,28 @@ def _run(kernel, grid, args: tuple, cfg: dict, **meta) -> None:
             cfg = {**cfg, "num_stages": stages}
 
 
+def _tma_ok(*xs: torch.Tensor) -> bool:
+    """Whether TMA descriptors can address these ``[B, H, L, D]`` tensors: unit head-dim stride, 16-byte
+    aligned base and strides, and (on a GPU) compute capability 9.0 or newer."""
+    for x in xs:
+        if x.stride(-1) != 1 or x.data_ptr() % 16 or any((s * x.element_size()) % 16 for s in x.stride()[:3]):
+            return False
+    return not xs[0].is_cuda or capability(xs[0].device)[0] >= 9
+
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _ensure_allocator() -> None:
+    """Device-side TMA descriptors need Triton's scratch allocator; install one (per thread) if none is set."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
 def _launch_fwd(q, k, v, row_count, row_index, scale, block_q, block_k):
     b, h, lq, d = q.shape
     lk = k.shape[2]
@@ -301,12 +367,25 @@ def _launch_fwd(q, k, v, row_count, row_index, scale, block_q, block_k):
     lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     block_d = _block_d(d)
     cfg, split = _config("fwd", block_d, block_q, q.is_cuda)
+    desc = int(cfg.get("DESC", 0)) if d == block_d and _tma_ok(q, k, v, o) else 0
+    cfg = {**cfg, "DESC": desc}
+    tensors = (q, k, v, o)
+    if desc:
+        cfg["PAIR"] = 1
+    if desc == 1:
+        _ensure_allocator()
+    elif desc == 2:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        bm_ = block_q // split
+        tensors = tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, block_d])
+                        for x, rows in ((q, bm_), (k, block_k), (v, block_k), (o, bm_)))
     _run(_fwd_kernel, (tq * split, b * h), (
-        q, k, v, o, lse, row_count, row_index,
+        *tensors, lse, row_count, row_index,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         h, lq, lk, d, tq, tk, scale * LOG2E,
     ), cfg, BLOCK_M=block_q // split, SPLIT=split, BLOCK_N=block_k, BLOCK_D=block_d,
-        IEEE=q.dtype == torch.float32, UPCAST=_upcast(q))
+        IEEE=q.dtype == torch.float32, UPCAST=_upcast(q), TAIL=lk % block_k != 0)
     return o, lse
 
 
@@ -343,8 +422,7 @@ def _head_dim_ok(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-@torch.library.custom_op("sparge::block_sparse_attn_fwd", mutates_args=())
-def block_sparse_attn_fwd(
+def _fwd_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     row_count: torch.Tensor, row_index: torch.Tensor,
     scale: float, block_q: int, block_k: int,
@@ -353,13 +431,15 @@ def block_sparse_attn_fwd(
     return _launch_fwd(_head_dim_ok(q), _head_dim_ok(k), _head_dim_ok(v), row_count, row_index, scale, block_q, block_k)
 
 
+block_sparse_attn_fwd = torch.library.custom_op("sparge::block_sparse_attn_fwd", mutates_args=())(_fwd_impl)
+
+
 @block_sparse_attn_fwd.register_fake
 def _(q, k, v, row_count, row_index, scale, block_q, block_k):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("sparge::block_sparse_attn_bwd", mutates_args=())
-def block_sparse_attn_bwd(
+def _bwd_impl(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     row_count: torch.Tensor, row_index: torch.Tensor, col_count: torch.Tensor, col_index: torch.Tensor,
     scale: float, block_q: int, block_k: int,
@@ -371,17 +451,29 @@ def block_sparse_attn_bwd(
     )
 
 
+block_sparse_attn_bwd = torch.library.custom_op("sparge::block_sparse_attn_bwd", mutates_args=())(_bwd_impl)
+
+
 @block_sparse_attn_bwd.register_fake
 def _(do, q, k, v, o, lse, row_count, row_index, col_count, col_index, scale, block_q, block_k):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+# The torch.library ops are what torch.compile traces; in eager mode their dispatch costs ~10-20 us of
+# host time per call, so eager calls go straight to the launchers the ops wrap.
+
+
 def attn_fwd(q, k, v, row_count, row_index, scale: float, block_q: int, block_k: int):
-    return block_sparse_attn_fwd(q, k, v, row_count, row_index, float(scale), int(block_q), int(block_k))
+    if torch.compiler.is_compiling():
+        return block_sparse_attn_fwd(q, k, v, row_count, row_index, float(scale), int(block_q), int(block_k))
+    return _fwd_impl(q, k, v, row_count, row_index, float(scale), int(block_q), int(block_k))
 
 
 def attn_bwd(do, q, k, v, o, lse, row_count, row_index, col_count, col_index, scale: float, block_q: int, block_k: int):
-    return block_sparse_attn_bwd(do, q, k, v, o, lse, row_count, row_index, col_count, col_index, float(scale), int(block_q), int(block_k))
+    args = (do, q, k, v, o, lse, row_count, row_index, col_count, col_index, float(scale), int(block_q), int(block_k))
+    if torch.compiler.is_compiling():
+        return block_sparse_attn_bwd(*args)
+    return _bwd_impl(*args)
 
 
 __all__ = ["attn_bwd", "attn_fwd", "block_sparse_attn_bwd", "block_sparse_attn_fwd"]

@@ -99,12 +99,20 @@ if HAS_TRITON:
         tl.store(Count + b * R + r, tl.sum(m, 0))
 
 
-def select_blocks(logits: torch.Tensor, scale: float, n_k: int, topp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def select_warps(block_t: int) -> int:
+    """Warps per selection program: few, so the 62 bisection reductions stay (mostly) inside a warp."""
+    return max(1, min(8, block_t // 512))
+
+
+def select_blocks(
+    logits: torch.Tensor, scale: float, n_k: int, topp: float, num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hybrid selection on the GPU (or the Triton interpreter).
 
     Args:
         logits: ``[B, H, Tq, Tk]`` float32 pooled ``mean(Q_i) . mean(K_j)`` (unscaled), contiguous.
         scale: score scale; n_k: Top-k block count (0 = off); topp: Top-p mass (0 = off, >= 1 = dense).
+        num_warps: warps per row program (default `select_warps`).
 
     Returns:
         ``(row_count [B,H,Tq] int32, row_index [B,H,Tq,Tk] int32 ascending, dense [B,H,Tq,Tk] bool)``.
@@ -118,7 +126,7 @@ def select_blocks(logits: torch.Tensor, scale: float, n_k: int, topp: float) -> 
     _select_kernel[(b * h * tq,)](
         logits, row_count, row_index, dense, tk, float(scale), int(n_k), float(topp),
         BLOCK_T=block_t, USE_K=n_k > 0, USE_P=topp > 0, ALL=topp >= 1.0 or n_k >= tk,
-        num_warps=max(1, min(8, block_t // 512)),  # few warps: the 62 reductions stay (mostly) inside a warp
+        num_warps=num_warps or select_warps(block_t),
     )
     return row_count, row_index, dense.view(torch.bool)
 

@@ -1,0 +1,168 @@
+"""Where mask building spends its time: per-kernel device times (torch.profiler), host launch time per
+call, CUDA-graph time, and the selection kernel's warps per row swept. One JSON per run.
+
+  python benchmarks/mask_profile.py --out mask_profile.json [--shapes wan2.1-1.3b-480p,wan2.1-14b-720p]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import defaultdict
+
+import torch
+from triton.testing import do_bench
+
+import sparge
+from sparge.bench import Shape, environment
+from sparge.kernels.mask_lut import select_blocks, select_warps
+from sparge.kernels.pool import block_mean_pair
+
+
+def profile_one(shape: Shape, sparsity: float) -> dict:
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k = (torch.randn(shape.b, shape.h, shape.l, shape.d, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(2))
+    kept = 1 - sparsity
+    build = lambda: sparge.build_block_mask(q, k, topk=kept, topp=kept / 2)
+    with_cols = lambda: build().columns()
+    res: dict = {"shape": shape.name, "sparsity_target": sparsity, "measured_sparsity": build().sparsity()}
+    res["build_ms"] = do_bench(build, warmup=25, rep=200, return_mode="median")
+    res["build_with_columns_ms"] = do_bench(with_cols, warmup=25, rep=200, return_mode="median")
+    # host time per call: launches queued back to back, the GPU kept busy by a long first kernel
+    torch.cuda.synchronize()
+    n = 50
+    big = torch.empty(int(2e9), dtype=torch.int8, device=dev)
+    big.zero_()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        build()
+    res["host_us_per_build"] = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    del big
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            build()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        build()
+    res["graph_ms"] = do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+    # per-kernel device times
+    for _ in range(3):
+        with_cols()
+    torch.cuda.synchronize()
+    reps = 20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            with_cols()
+        torch.cuda.synchronize()
+    per = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name[:80]] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    res["kernels_us_per_build"] = {name: t / reps for name, t in sorted(per.items(), key=lambda kv: -kv[1])}
+    # selection kernel: warps per row
+    pq, pk = block_mean_pair(q, k, 128, 64)
+    logits = torch.matmul(pq, pk.transpose(-1, -2)).contiguous()
+    tk = pk.shape[2]
+    n_k = max(1, math.ceil(kept * tk))
+    block_t = max(16, 1 << (tk - 1).bit_length())
+    res["select_default_warps"] = select_warps(block_t)
+    ref = select_blocks(logits, shape.d ** -0.5, n_k, kept / 2)
+    sweep = {}
+    for w in (1, 2, 4, 8):
+        out = select_blocks(logits, shape.d ** -0.5, n_k, kept / 2, num_warps=w)
+        same = all(torch.equal(a, b) for a, b in zip(out, ref))
+        sweep[w] = {"ms": do_bench(lambda: select_blocks(logits, shape.d ** -0.5, n_k, kept / 2, num_warps=w), warmup=25, rep=100, return_mode="median"),
+                    "same_as_default": same}
+    res["select_warps_sweep"] = sweep
+    res["pool_ms"] = do_bench(lambda: block_mean_pair(q, k, 128, 64), warmup=25, rep=100, return_mode="median")
+    res["pool_gbps"] = 2 * q.numel() * q.element_size() / (res["pool_ms"] * 1e-3) / 1e9
+    ref = block_mean_pair(q, k, 128, 64)
+    pool_sweep = []
+    cands = [dict(tokens=t, num_stages=st, d_chunk=dc, num_warps=w)
+             for t, st, dc, w in [(128, 1, 128, 4), (128, 1, 128, 8), (128, 1, 128, 16), (128, 1, 64, 4), (128, 1, 64, 8),
+                                  (128, 1, 32, 4), (512, 2, 128, 8), (512, 3, 64, 4), (1024, 3, 64, 4), (1024, 4, 32, 4)]]
+    for c in cands:
+        out = block_mean_pair(q, k, 128, 64, **c)
+        ms = do_bench(lambda: block_mean_pair(q, k, 128, 64, **c), warmup=25, rep=100, return_mode="median")
+        pool_sweep.append({**c, "ms": ms, "same": all(torch.equal(a, b) for a, b in zip(out, ref)),
+                           "gbps": 2 * q.numel() * q.element_size() / (ms * 1e-3) / 1e9})
+    if shape.l % 128 == 0 or True:
+        # what torch's own reduction reaches on the same bytes (full blocks only)
+        lf = (shape.l // 128) * 128
+        tq_ = lambda: (q[:, :, :lf].unflatten(2, (-1, 128)).sum(3, dtype=torch.float32), k[:, :, :lf].unflatten(2, (-1, 64)).sum(3, dtype=torch.float32))
+        ms = do_bench(tq_, warmup=25, rep=100, return_mode="median")
+        res["torch_sum_reference"] = {"ms": ms, "gbps": 2 * q[:, :, :lf].numel() * q.element_size() / (ms * 1e-3) / 1e9}
+    res["pool_sweep"] = pool_sweep
+    return res
+
+
+def host_costs() -> dict:
+    """Host microseconds per call of each step, on tiny inputs (the GPU is never the bottleneck)."""
+    dev = torch.device("cuda")
+    q = torch.randn(1, 2, 256, 128, device=dev, dtype=torch.bfloat16)
+    pq, pk = block_mean_pair(q, q, 128, 64)
+    logits = torch.matmul(pq, pk.transpose(-1, -2)).contiguous()
+    steps = {
+        "torch.empty": lambda: torch.empty(16, device=dev),
+        "matmul_pooled": lambda: torch.matmul(pq, pk.transpose(-1, -2)),
+        "block_mean_pair": lambda: block_mean_pair(q, q, 128, 64),
+        "select_blocks": lambda: select_blocks(logits, 0.1, 1, 0.1),
+        "build_block_mask": lambda: sparge.build_block_mask(q, q, topk=0.5, topp=0.2),
+    }
+    bm = sparge.build_block_mask(q, q, topk=0.5, topp=0.2)
+    steps["block_sparse_attention(prebuilt mask)"] = lambda: sparge.block_sparse_attention(q, q, q, bm)
+    steps["sparge_attention"] = lambda: sparge.sparge_attention(q, q, q, topk=0.5, topp=0.2)
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(300):
+        steps["sparge_attention"]()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
+    print(buf.getvalue()[-4000:], flush=True)
+    out = {}
+    for name, fn in steps.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        n = 300
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        out[name] = (time.perf_counter() - t0) / n * 1e6
+        torch.cuda.synchronize()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shapes", default="wan2.1-1.3b-480p,wan2.1-14b-720p")
+    ap.add_argument("--sparsity", type=float, default=0.95)
+    args = ap.parse_args()
+    rows = []
+    host = host_costs()
+    print(json.dumps(host, indent=1), flush=True)
+    for name in args.shapes.split(","):
+        r = profile_one(Shape.parse(name), args.sparsity)
+        print(json.dumps(r, indent=1), flush=True)
+        rows.append(r)
+    with open(args.out, "w") as f:
+        json.dump({"command": f"python benchmarks/mask_profile.py --out {args.out} --shapes {args.shapes} --sparsity {args.sparsity}",
+                   "environment": environment(torch.device("cuda")), "host_us_per_call": host, "results": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
