@@ -341,8 +341,10 @@ def _tma_ok(*xs: torch.Tensor) -> bool:
     """Whether TMA descriptors can address these ``[B, H, L, D]`` tensors: unit head-dim stride, 16-byte
     aligned base and strides, and (on a GPU) compute capability 9.0 or newer."""
     for x in xs:
-        if x.stride(-1) != 1 or x.data_ptr() % 16 or any((s * x.element_size()) % 16 for s in x.stride()[:3]):
+        if x.stride(-1) != 1 or x.data_ptr() % 16:
             return False
+        if any(st <= 0 or (st * x.element_size()) % 16 for st, n in zip(x.stride()[:3], x.shape[:3]) if n > 1):
+            return False  # broadcast (stride-0) and unaligned dims take the pointer path
     return not xs[0].is_cuda or capability(xs[0].device)[0] >= 9
 
 
