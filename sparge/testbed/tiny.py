@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from sparge._atomic import atomic_dir
+from sparge.testbed.train import build_tokenizer
 
 __all__ = ["TINY_MODEL_NAME", "build_tiny_pipeline", "tiny_generation_kwargs", "tiny_transformer_config"]
 
@@ -58,22 +59,6 @@ def tiny_generation_kwargs() -> dict[str, int]:
     Returns ``height``, ``width``, ``num_frames`` (4n+1) and ``num_inference_steps``.
     """
     return {"height": 128, "width": 160, "num_frames": 9, "num_inference_steps": 3}
-
-
-def _build_tokenizer():
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in _WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
-    )
 
 
 def build_tiny_pipeline(
@@ -122,7 +107,7 @@ def build_tiny_pipeline(
             num_res_blocks=1,
             temperal_downsample=[False, True, True],
         )
-        tokenizer = _build_tokenizer()
+        tokenizer = build_tokenizer(list(_WORDS))
         text_encoder = UMT5EncoderModel(
             UMT5Config(
                 vocab_size=len(tokenizer),
