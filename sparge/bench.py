@@ -199,12 +199,14 @@ def bench_attention(
 
     def record(method, sparsity, measured, passname, ms, pairs, mask_ms=None, mem=None, total_ms=None):
         mult = 4 * shape.d * (3.5 if passname == "fwd+bwd" else 1.0)
+        if total_ms is None:
+            total_ms = ms + (mask_ms or 0.0)
         rows.append({
             "shape": shape.name, "B": shape.b, "H": shape.h, "L": shape.l, "D": shape.d, "dtype": str(dtype).replace("torch.", ""),
             "method": method, "target_sparsity": sparsity, "measured_sparsity": measured, "pass": passname,
-            "ms": ms, "mask_ms": mask_ms, "total_ms": total_ms if total_ms is not None else ms + (mask_ms or 0.0),
+            "ms": ms, "mask_ms": mask_ms, "total_ms": total_ms,
             "tflops_effective": mult * pairs / (ms * 1e-3) / 1e12,
-            "tflops_dense_equiv": mult * dense_pairs / ((total_ms if total_ms is not None else ms + (mask_ms or 0.0)) * 1e-3) / 1e12,
+            "tflops_dense_equiv": mult * dense_pairs / (total_ms * 1e-3) / 1e12,
             "peak_mem_mib": mem,
         })
 

@@ -62,8 +62,8 @@ if HAS_TRITON:
         IEEE: tl.constexpr, UPCAST: tl.constexpr, TAIL: tl.constexpr, DESC: tl.constexpr,
     ):
         # TAIL: some key block is partial (Lk % BLOCK_N != 0), so scores need the column mask.
-        # DESC: 0 = pointer loads; 1 = TMA descriptors built in the kernel; 2 = Q/K/V/O are host-built 4-D
-        # TMA descriptors ([B, H, L, D]). Descriptors need Hopper+, D == BLOCK_D, 16-byte aligned strides.
+        # DESC: Q/K/V/O are host-built 4-D TMA descriptors ([B, H, L, D]) instead of pointers (Hopper+,
+        # D == BLOCK_D, 16-byte aligned strides).
         # SPLIT programs share one mask query block of BLOCK_M * SPLIT rows; each step takes PAIR kept
         # key blocks at once (a PAIR * BLOCK_N tile gathered from the row list)
         pid = tl.program_id(0)
@@ -81,18 +81,10 @@ if HAS_TRITON:
         count = tl.load(RowCount + lut_row)
         idx_ptr = RowIndex + lut_row * TK
 
-        if DESC == 2:
+        if DESC:
             b32 = pid_bh // H
             h32 = pid_bh % H
             q = Q.load([b32, h32, pid * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)
-        elif DESC == 1:
-            k_base = K + off_b * stride_kb + off_h * stride_kh
-            v_base = V + off_b * stride_vb + off_h * stride_vh
-            q_desc = tl.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh, shape=[Lq, BLOCK_D],
-                                               strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
-            k_desc = tl.make_tensor_descriptor(k_base, shape=[Lk, BLOCK_D], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
-            v_desc = tl.make_tensor_descriptor(v_base, shape=[Lk, BLOCK_D], strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_D])
-            q = q_desc.load([pid * BLOCK_M, 0])
         else:
             k_base = K + off_b * stride_kb + off_h * stride_kh
             v_base = V + off_b * stride_vb + off_h * stride_vh
@@ -105,10 +97,7 @@ if HAS_TRITON:
         for t in range(0, count, PAIR):
             if DESC:
                 kb = tl.load(idx_ptr + t)
-                if DESC == 2:
-                    k = K.load([b32, h32, kb * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
-                else:
-                    k = k_desc.load([kb * BLOCK_N, 0])
+                k = K.load([b32, h32, kb * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
                 qk = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE, UPCAST)
                 if TAIL:
                     qk = tl.where((kb * BLOCK_N + tl.arange(0, BLOCK_N) < Lk)[None, :], qk, float("-inf"))
@@ -127,10 +116,8 @@ if HAS_TRITON:
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
-            if DESC == 2:
+            if DESC:
                 v = V.load([b32, h32, kb * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
-            elif DESC == 1:
-                v = v_desc.load([kb * BLOCK_N, 0])
             else:
                 v = tl.load(
                     v_base + offs_kn[:, None] * stride_vn + offs_d[None, :] * stride_vd,
@@ -143,12 +130,8 @@ if HAS_TRITON:
         l_safe = tl.where(nonempty, l_i, 1.0)
         out = acc / l_safe[:, None]
         lse = tl.where(nonempty, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        if DESC == 2:
+        if DESC:
             O.store([b32, h32, pid * BLOCK_M, 0], out.to(O.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
-        elif DESC == 1:
-            o_desc = tl.make_tensor_descriptor(O + off_b * stride_ob + off_h * stride_oh, shape=[Lq, BLOCK_D],
-                                               strides=[stride_om, 1], block_shape=[BLOCK_M, BLOCK_D])
-            o_desc.store([pid * BLOCK_M, 0], out.to(O.dtype.element_ty))
         else:
             o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
             tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
@@ -293,7 +276,7 @@ def _block_d(d: int) -> int:
 # split: programs per 128-row query block; sub_m: query rows per step of the dK/dV loop.
 KERNEL_CONFIGS: dict[str, dict[int, dict[str, int]]] = {
     "fwd": {64: {"split": 1, "pair": 1, "desc": 0, "num_warps": 4, "num_stages": 3},
-            128: {"split": 1, "pair": 1, "desc": 2, "num_warps": 8, "num_stages": 3},
+            128: {"split": 1, "pair": 1, "desc": 1, "num_warps": 8, "num_stages": 3},
             256: {"split": 2, "pair": 1, "desc": 0, "num_warps": 8, "num_stages": 2}},
     "dq": {64: {"split": 1, "pair": 1, "num_warps": 4, "num_stages": 2}, 128: {"split": 2, "pair": 1, "num_warps": 4, "num_stages": 2},
            256: {"split": 2, "pair": 1, "num_warps": 8, "num_stages": 1}},
@@ -311,7 +294,7 @@ def _config(kind: str, block_d: int, block_q: int, is_cuda: bool) -> tuple[dict,
     desc = cfg.pop("desc", None)
     extra = {"PAIR": pair} if kind != "dkdv" else {}
     if desc is not None:
-        extra["DESC"] = int(desc)
+        extra["DESC"] = bool(desc)
     if not is_cuda:
         return extra, (1 if kind != "dkdv" else block_q)
     cfg.update(extra)
@@ -348,19 +331,6 @@ def _tma_ok(*xs: torch.Tensor) -> bool:
     return not xs[0].is_cuda or capability(xs[0].device)[0] >= 9
 
 
-
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _ensure_allocator() -> None:
-    """Device-side TMA descriptors need Triton's scratch allocator; install one (per thread) if none is set."""
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_scratch)
-
-
 def _launch_fwd(q, k, v, row_count, row_index, scale, block_q, block_k):
     b, h, lq, d = q.shape
     lk = k.shape[2]
@@ -369,16 +339,13 @@ def _launch_fwd(q, k, v, row_count, row_index, scale, block_q, block_k):
     lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     block_d = _block_d(d)
     cfg, split = _config("fwd", block_d, block_q, q.is_cuda)
-    desc = int(cfg.get("DESC", 0)) if d == block_d and _tma_ok(q, k, v, o) else 0
+    desc = bool(cfg.get("DESC")) and d == block_d and _tma_ok(q, k, v, o)
     cfg = {**cfg, "DESC": desc}
     tensors = (q, k, v, o)
     if desc:
-        cfg["PAIR"] = 1
-    if desc == 1:
-        _ensure_allocator()
-    elif desc == 2:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
+        cfg["PAIR"] = 1
         bm_ = block_q // split
         tensors = tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, block_d])
                         for x, rows in ((q, bm_), (k, block_k), (v, block_k), (o, bm_)))
