@@ -26,7 +26,9 @@ from sparge.testbed.data import (
 from sparge.testbed.train import TestbedConfig as _Config
 from sparge.testbed.train import (
     build_pipeline,
+    caption_tokens,
     encode_captions,
+    encode_captions_short,
     flow_matching_loss,
     save_pipeline,
     train,
@@ -138,6 +140,22 @@ def test_training_reduces_the_flow_matching_loss(trained):
     assert res.steps == 30
     assert [h["step"] for h in res.history] == [10, 20, 30]
     assert trained["after"] < 0.75 * trained["before"], (trained["before"], trained["after"])
+
+
+def test_short_text_encoding_matches_the_pipeline():
+    """Training runs the text encoder on a few tokens; the transformer must see what sampling gives it."""
+    pipe = build_pipeline(_Config.micro())
+    captions = [s.caption for s in sample_scenes(5, seed=3, max_objects=3)] + [""]
+    with torch.no_grad():
+        full = encode_captions(pipe, captions, torch.device("cpu"))
+        short = encode_captions_short(pipe.text_encoder, pipe.tokenizer, captions, torch.device("cpu"), caption_tokens(3))
+    assert short.shape == full.shape == (6, 512, 32)
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-6)
+    assert full[:, 40:].abs().max() == 0 and full[0, :10].abs().min() > 0  # zero past each caption, not before
+    longest = max((s.caption for s in sample_scenes(200, seed=1, max_objects=6)), key=lambda c: len(c.split()))
+    assert len(pipe.tokenizer(longest).input_ids) <= caption_tokens(6)
+    with pytest.raises(ValueError, match="does not fit in 8 text tokens"):
+        encode_captions_short(pipe.text_encoder, pipe.tokenizer, captions, torch.device("cpu"), 8)
 
 
 def test_build_pipeline_is_seeded():
