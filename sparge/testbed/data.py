@@ -5,7 +5,10 @@ Why latents and not pixels: no Wan VAE weights can be downloaded, and a random V
 (the layout the Wan VAE produces: ``T = (frames - 1) / 4 + 1``, ``H = height / 8``, ``W = width / 8``)
 with a fixed, designed meaning per position, which makes every metric readable back from latents:
 
-- the background is one fixed 16-dim code plus a weak fixed low-frequency spatial pattern;
+- the background is one fixed 16-dim code plus a fixed gradient, top to bottom and left to right (like
+  sky above ground, or light from one side). The Wan transformer has no absolute position embedding (its
+  3D RoPE is relative), so "at the top left" can only be placed against the frame's borders or its content;
+  the gradient is that content, present in every clip;
 - each colour is one fixed 16-dim code (the codes are orthogonal, norm 4, so about unit variance per
   channel like Wan's normalised latents), painted inside the object's shape with a soft edge;
 - objects are composited in caption order (later objects occlude earlier ones).
@@ -83,6 +86,7 @@ _TRAVEL = {"slowly": 0.3, "quickly": 0.6}      # distance covered over the whole
 _DIR_VEC = {"left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0)}  # (dy, dx)
 _JITTER = 0.03                                 # start offset, uniform in +-0.03 of the axis length
 _EDGE = 0.5                                    # soft-edge width of a shape, in latent pixels
+_GRADIENT = 1.5                                # amplitude of the background gradient along each axis
 _CODE_SEED = 20250611                          # fixes the colour/background codes for every user
 _HELD_OUT_BUCKETS = 10                         # 1 in 10 captions is held out
 
@@ -258,16 +262,17 @@ def colour_codes(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torc
 
 
 def _background_field(geometry: Geometry, device: torch.device) -> torch.Tensor:
-    """``[16, H, W]``: the background code plus a weak fixed low-frequency pattern (same in every frame).
+    """``[16, H, W]``: the background code plus a fixed gradient (same in every frame).
 
-    The pattern lies along two basis directions orthogonal to every code, so it never looks like a colour.
+    ``1.5 cos(pi y)`` along one basis direction and ``1.5 cos(pi x)`` along another (``x, y`` in [0, 1]), both
+    orthogonal to every code, so the gradient never looks like a colour and each axis is readable on its own.
     """
     basis = _code_basis(device)
     _, bg = colour_codes(device)
     u1, u2 = basis[:, len(COLOURS) + 1], basis[:, len(COLOURS) + 2]
     y = torch.linspace(0, 1, geometry.height, device=device)[:, None]
     x = torch.linspace(0, 1, geometry.width, device=device)[None, :]
-    pattern = 0.5 * torch.sin(math.pi * (x + 0.5 * y)) * u1[:, None, None] + 0.5 * torch.cos(math.pi * (y - 0.3 * x)) * u2[:, None, None]
+    pattern = _GRADIENT * (torch.cos(math.pi * y) * u1[:, None, None] + torch.cos(math.pi * x) * u2[:, None, None])
     return bg[:, None, None] + pattern
 
 
