@@ -9,7 +9,7 @@ One variant per process (run the two side by side on two cores; about 16 minutes
     python benchmarks/testbed_background_ab.py waves 2500 ab_waves.json
     python benchmarks/testbed_background_ab.py gradient 2500 ab_gradient.json
 
-``waves`` patches `sparge.testbed.data._background_field` back to the pattern used up to commit 754f49a
+``gradient:A`` sets the gradient's amplitude to A (``gradient``: the data's own, 3). ``waves`` patches `sparge.testbed.data._background_field` back to the pattern used up to commit 754f49a
 (``0.5 sin(pi (x + y / 2))`` and ``0.5 cos(pi (y - 0.3 x))``); ``gradient`` is the current data. Both train
 the micro config (`TestbedConfig.micro`, batch 8, same seed) for the same number of steps, then measure:
 
@@ -47,14 +47,26 @@ def _waves(geometry: D.Geometry, device: torch.device) -> torch.Tensor:
     return bg[:, None, None] + pattern
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 3 or argv[0] not in ("waves", "gradient"):
-        print("usage: python benchmarks/testbed_background_ab.py {waves|gradient} STEPS OUT.json", file=sys.stderr)
+    variant = argv[0] if argv else ""
+    amplitude = variant.partition(":")[2]
+    if len(argv) != 3 or not (variant in ("waves", "gradient") or (variant.startswith("gradient:") and _is_number(amplitude))):
+        print("usage: python benchmarks/testbed_background_ab.py {waves|gradient|gradient:AMPLITUDE} STEPS OUT.json", file=sys.stderr)
         return 2
-    variant, steps, out = argv[0], int(argv[1]), argv[2]
+    steps, out = int(argv[1]), argv[2]
     torch.set_num_threads(1)
     if variant == "waves":
         D._background_field = _waves
+    elif amplitude:
+        D._GRADIENT = float(amplitude)
     from sparge.testbed.evaluate import sample_latents
     from sparge.testbed.train import TestbedConfig, encode_captions, train
 

@@ -86,7 +86,7 @@ _TRAVEL = {"slowly": 0.3, "quickly": 0.6}      # distance covered over the whole
 _DIR_VEC = {"left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0)}  # (dy, dx)
 _JITTER = 0.03                                 # start offset, uniform in +-0.03 of the axis length
 _EDGE = 0.5                                    # soft-edge width of a shape, in latent pixels
-_GRADIENT = 1.5                                # amplitude of the background gradient along each axis
+_GRADIENT = 3.0                                # amplitude of the background gradient along each axis
 _CODE_SEED = 20250611                          # fixes the colour/background codes for every user
 _HELD_OUT_BUCKETS = 10                         # 1 in 10 captions is held out
 
@@ -264,7 +264,7 @@ def colour_codes(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torc
 def _background_field(geometry: Geometry, device: torch.device) -> torch.Tensor:
     """``[16, H, W]``: the background code plus a fixed gradient (same in every frame).
 
-    ``1.5 cos(pi y)`` along one basis direction and ``1.5 cos(pi x)`` along another (``x, y`` in [0, 1]), both
+    ``3 cos(pi y)`` along one basis direction and ``3 cos(pi x)`` along another (``x, y`` in [0, 1]), both
     orthogonal to every code, so the gradient never looks like a colour and each axis is readable on its own.
     """
     basis = _code_basis(device)
