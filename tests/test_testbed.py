@@ -158,6 +158,32 @@ def test_short_text_encoding_matches_the_pipeline():
         encode_captions_short(pipe.text_encoder, pipe.tokenizer, captions, torch.device("cpu"), 8)
 
 
+def test_training_falls_back_to_eager_when_compile_fails(monkeypatch):
+    import sparge.testbed.train as train_mod
+
+    class Broken(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.inner = module
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("simulated compiler failure\nsecond line")
+
+    monkeypatch.setattr(train_mod, "_COMPILE_DEVICES", ("cpu",))
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken(module))
+    lines: list[str] = []
+    cfg = _Config.micro(max_steps=3, log_every=1)
+    pipe = build_pipeline(cfg)
+    blocks = list(pipe.transformer.blocks)
+    result = train(cfg, device="cpu", log=lines.append, pipe=pipe)
+    assert result.steps == 3 and all(math.isfinite(h["loss"]) for h in result.history)
+    assert any("torch.compile failed (RuntimeError: simulated compiler failure); training eagerly" in x for x in lines)
+    assert list(result.pipe.transformer.blocks) == blocks  # the pipeline keeps its own modules
+    # the same 3 steps without compiling give the same losses: the failed first try left no trace
+    plain = train(_Config.micro(max_steps=3, log_every=1, compile=False), device="cpu", log=None)
+    assert [h["loss"] for h in plain.history] == pytest.approx([h["loss"] for h in result.history], rel=1e-5)
+
+
 def test_build_pipeline_is_seeded():
     cfg = _Config.micro()
     a, b = build_pipeline(cfg), build_pipeline(cfg)

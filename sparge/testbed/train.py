@@ -79,6 +79,7 @@ TEXT_LEN = 512
 """Text tokens the transformer sees: WanPipeline's default ``max_sequence_length`` (zero-padded)."""
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_COMPILE_DEVICES = ("cuda",)  # where `TestbedConfig.compile` applies (compiling for the CPU costs more than it saves here)
 
 
 @dataclass(frozen=True)
@@ -347,7 +348,7 @@ def train(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     budget = cfg.minutes * 60.0
     text_len = caption_tokens(cfg.max_objects)
-    compiled = cfg.compile and device.type == "cuda"
+    compiled = cfg.compile and device.type in _COMPILE_DEVICES
     eager_blocks = pipe.transformer.blocks
     text_encoder: torch.nn.Module = pipe.text_encoder
     if compiled:
