@@ -4,7 +4,8 @@ The question: does a background that varies monotonically along each axis teach 
 (relative 3D RoPE only, no absolute position embedding) where the frame's regions are, so that it can
 place "at the top left" from the caption when the latents are still pure noise?
 
-One variant per process (run the two side by side on two cores; about 16 minutes each at 2,500 steps)::
+One variant per process (run the two side by side on two cores; about 16 minutes each at 2,500 steps;
+an optional fourth argument changes the training seed)::
 
     python benchmarks/testbed_background_ab.py waves 2500 ab_waves.json
     python benchmarks/testbed_background_ab.py gradient 2500 ab_gradient.json
@@ -58,8 +59,8 @@ def _is_number(text: str) -> bool:
 def main(argv: list[str]) -> int:
     variant = argv[0] if argv else ""
     amplitude = variant.partition(":")[2]
-    if len(argv) != 3 or not (variant in ("waves", "gradient") or (variant.startswith("gradient:") and _is_number(amplitude))):
-        print("usage: python benchmarks/testbed_background_ab.py {waves|gradient|gradient:AMPLITUDE} STEPS OUT.json", file=sys.stderr)
+    if len(argv) not in (3, 4) or not (variant in ("waves", "gradient") or (variant.startswith("gradient:") and _is_number(amplitude))):
+        print("usage: python benchmarks/testbed_background_ab.py {waves|gradient|gradient:AMPLITUDE} STEPS OUT.json [SEED]", file=sys.stderr)
         return 2
     steps, out = int(argv[1]), argv[2]
     torch.set_num_threads(1)
@@ -70,11 +71,12 @@ def main(argv: list[str]) -> int:
     from sparge.testbed.evaluate import sample_latents
     from sparge.testbed.train import TestbedConfig, encode_captions, train
 
-    cfg = TestbedConfig.micro(max_steps=steps, minutes=60.0, batch_size=8, log_every=250)
+    seed = {"seed": int(argv[3])} if len(argv) == 4 else {}  # weights, scenes and noise of training
+    cfg = TestbedConfig.micro(max_steps=steps, minutes=60.0, batch_size=8, log_every=250, **seed)
     t0 = time.time()
     r = train(cfg, device="cpu", log=lambda s: print(variant, s, flush=True))
     pipe, geo = r.pipe, cfg.geometry
-    res = {"variant": variant, "steps": steps, "train_s": round(time.time() - t0, 1), "final_loss": r.history[-1]["loss"],
+    res = {"variant": variant, "steps": steps, "seed": cfg.seed, "train_s": round(time.time() - t0, 1), "final_loss": r.history[-1]["loss"],
            "command": "python " + " ".join(sys.argv), "machine": "CPU, 1 thread per variant"}
     scenes = D.sample_scenes(48, seed=5, split="heldout", max_objects=1)
     codes, _ = D.colour_codes()
