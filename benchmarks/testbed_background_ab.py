@@ -90,7 +90,7 @@ def main(argv: list[str]) -> int:
             noise = torch.randn((48, 16, geo.frames, geo.height, geo.width), generator=torch.Generator().manual_seed(seed))
             v = pipe.transformer(hidden_states=noise * 0.999 + 0.001 * D.render_latents(scenes, geo), timestep=torch.full((48,), 999.0),
                                  encoder_hidden_states=text, return_dict=False)[0]
-            xh = xh + (0.999 * noise - 0.999 * v) / 4
+            xh = xh + (0.999 * noise - 0.999 * v) / 4  # x_t - s v without x_t's 0.001 x0 term: no truth leaks in
         errs = []
         for i, sc in enumerate(scenes):
             w = torch.einsum("cthw,c->thw", xh[i], codes[D.COLOURS.index(sc.objects[0].colour)])[0].clamp_min(0)

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         TestbedConfig,
         build_pipeline,
         caption_tokens,
+        compiled_for_training,
         encode_captions,
         encode_captions_short,
         flow_matching_loss,
@@ -50,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     encoder = pipe.text_encoder
     if args.compile:
-        pipe.transformer.blocks = torch.nn.ModuleList([torch.compile(b) for b in pipe.transformer.blocks])
-        encoder = torch.compile(pipe.text_encoder)
+        pipe.transformer.blocks, encoder = compiled_for_training(pipe)
     rng, gen = random.Random(0), torch.Generator(device=dev).manual_seed(0)
 
     def now() -> float:

@@ -66,6 +66,7 @@ __all__ = [
     "TrainResult",
     "build_pipeline",
     "build_tokenizer",
+    "compiled_for_training",
     "encode_captions",
     "encode_captions_short",
     "flow_matching_loss",
@@ -254,6 +255,16 @@ def encode_captions_short(text_encoder: torch.nn.Module, tokenizer: Any, caption
     return torch.nn.functional.pad(hidden, (0, 0, 0, TEXT_LEN - length))
 
 
+def compiled_for_training(pipe: Any) -> tuple[torch.nn.ModuleList, torch.nn.Module]:
+    """``(blocks, text_encoder)``: ``torch.compile`` wrappers of the transformer's blocks (one per block; one
+    graph serves them all) and of the text encoder.
+
+    For training only: put the blocks in ``pipe.transformer.blocks`` while training and the originals back
+    afterwards, so what is saved and sampled is plain eager diffusers code.
+    """
+    return torch.nn.ModuleList([torch.compile(b) for b in pipe.transformer.blocks]), torch.compile(pipe.text_encoder)
+
+
 def sample_sigmas(n: int, shift: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """Noise levels ``[n]`` float32: uniform ``u`` through Wan's shift ``s = shift u / (1 + (shift - 1) u)``."""
     u = torch.rand(n, generator=generator, device=generator.device).to(device)
@@ -352,10 +363,7 @@ def train(
     eager_blocks = pipe.transformer.blocks
     text_encoder: torch.nn.Module = pipe.text_encoder
     if compiled:
-        # per-block wrappers (one graph serves every block) used only while training; the pipeline keeps
-        # its own modules, so what is saved and sampled afterwards is plain eager diffusers code
-        pipe.transformer.blocks = torch.nn.ModuleList([torch.compile(b) for b in eager_blocks])
-        text_encoder = torch.compile(pipe.text_encoder)
+        pipe.transformer.blocks, text_encoder = compiled_for_training(pipe)
     history: list[dict[str, float]] = []
     acc = torch.zeros((), device=device)
     acc_n = 0
