@@ -24,7 +24,7 @@ if HAS_TRITON:
             ptrs = base + offs_l[:, None].to(tl.int64) * sxl + offs_d[None, :] * sxd
             x = tl.load(ptrs, mask=(offs_l[:, None] < L) & (offs_d[None, :] < D), other=0.0)
             n = tl.maximum(tl.minimum(L - t * BLOCK, BLOCK), 1)
-            tl.store(out_base + t * sot + offs_d, tl.sum(x.to(tl.float32), axis=0) / n, mask=(offs_d < D) & (t < T))
+            tl.store(out_base + t * sot + offs_d, tl.sum(x.to(tl.float32), axis=0) / n, mask=(offs_d < D) & (tl.full([BLOCK_D], t, tl.int32) < T))
 
     @triton.jit
     def _block_mean_pair_kernel(
