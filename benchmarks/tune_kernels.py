@@ -41,10 +41,8 @@ def main() -> None:
     rel = lambda a, r: float((a.float() - r.float()).norm() / r.float().norm())
     results = []
     space = {
-        "fwd": [dict(split=1, pair=1, desc=1, lazy=lz, ws=ws, num_warps=8, num_stages=st)
-                for lz, ws, st in itertools.product((0, 1), (0, 1), (2, 3, 4))]
-        + [dict(split=1, pair=1, desc=1, rot=1, num_warps=8, num_stages=st) for st in (2, 3, 4)]
-        + [dict(split=1, pair=1, desc=0, lazy=lz, num_warps=8, num_stages=3) for lz in (0, 1)],
+        "fwd": [dict(split=1, pair=1, desc=1, num_warps=8, num_stages=st) for st in (2, 3, 4)]
+        + [dict(split=1, pair=1, desc=0, num_warps=8, num_stages=st) for st in (3, 4)],
         "dq": [dict(split=s, pair=p, num_warps=w, num_stages=st) for s, p, w, st in itertools.product((1, 2), (1, 2), (4, 8), (2, 3))],
         "dkdv": [dict(sub_m=m, num_warps=w, num_stages=st) for m, w, st in itertools.product((32, 64), (4,), (1, 2))] + [dict(sub_m=64, num_warps=8, num_stages=1)],
     }

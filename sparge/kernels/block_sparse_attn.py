@@ -60,15 +60,8 @@ if HAS_TRITON:
         H, Lq, Lk, D, TQ, TK, qk_scale,
         BLOCK_M: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr, BLOCK_D: tl.constexpr,
         IEEE: tl.constexpr, UPCAST: tl.constexpr, TAIL: tl.constexpr, DESC: tl.constexpr,
-        LAZY: tl.constexpr = False, WS: tl.constexpr = False, ROT: tl.constexpr = False,
     ):
         # TAIL: some key block is partial (Lk % BLOCK_N != 0), so scores need the column mask.
-        # Experiments (all measured slower on the H100, benchmarks/NOTES.md):
-        # LAZY: keep a stale running max until some row's max grows by more than 2^8 (FlashAttention-4's
-        # conditional rescaling): exact, since the same max cancels in the final normalisation.
-        # WS: ask Triton to warp-specialise the loop. ROT (with DESC): the loop is rotated so the scores
-        # of the next kept block are issued before the softmax of this one (the last step recomputes
-        # the last block's scores and drops them).
         # DESC: Q/K/V/O are host-built 4-D TMA descriptors ([B, H, L, D]) instead of pointers (Hopper+,
         # D == BLOCK_D, 16-byte aligned strides).
         # SPLIT programs share one mask query block of BLOCK_M * SPLIT rows; each step takes PAIR kept
@@ -101,27 +94,7 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-        if ROT:
-            kb = tl.load(idx_ptr, mask=count > 0, other=0)
-            k = K.load([b32, h32, kb * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
-            qk = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE, UPCAST)
-            for t in range(0, count):
-                kb_next = tl.load(idx_ptr + tl.minimum(t + 1, count - 1))
-                k_next = K.load([b32, h32, kb_next * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
-                qk_next = _mma(q, tl.trans(k_next), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE, UPCAST)
-                if TAIL:
-                    qk = tl.where((kb * BLOCK_N + tl.arange(0, BLOCK_N) < Lk)[None, :], qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-                p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None]
-                v = V.load([b32, h32, kb * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
-                acc = _mma(p.to(v.dtype), v, acc, IEEE, UPCAST)
-                m_i = m_new
-                qk = qk_next
-                kb = kb_next
-        for t in tl.range(0, count if not ROT else 0, PAIR, warp_specialize=WS):
+        for t in range(0, count, PAIR):
             if DESC:
                 kb = tl.load(idx_ptr + t)
                 k = K.load([b32, h32, kb * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
@@ -139,20 +112,10 @@ if HAS_TRITON:
                     qk = tl.where(mask_n[None, :], qk, float("-inf"))
             # raw-score max, then one fused multiply-add per score (qk_scale > 0 keeps the max)
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            if LAZY:
-                if tl.max(m_new - m_i, 0) > 8.0:
-                    alpha = tl.math.exp2(m_i - m_new)
-                    l_i = l_i * alpha
-                    acc = acc * alpha[:, None]
-                    m_i = m_new
-                p = tl.math.exp2(qk * qk_scale - m_i[:, None])
-                l_i = l_i + tl.sum(p, 1)
-            else:
-                p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None]
-                m_i = m_new
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
             if DESC:
                 v = V.load([b32, h32, kb * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
             else:
@@ -161,6 +124,7 @@ if HAS_TRITON:
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0,
                 )
             acc = _mma(p.to(v.dtype), v, acc, IEEE, UPCAST)
+            m_i = m_new
 
         nonempty = l_i > 0.0
         l_safe = tl.where(nonempty, l_i, 1.0)
@@ -328,11 +292,9 @@ def _config(kind: str, block_d: int, block_q: int, is_cuda: bool) -> tuple[dict,
     inner = cfg.pop("split" if kind != "dkdv" else "sub_m")
     pair = cfg.pop("pair", 1)
     desc = cfg.pop("desc", None)
-    flags = {name: cfg.pop(name.lower(), None) for name in ("LAZY", "WS", "ROT")}
     extra = {"PAIR": pair} if kind != "dkdv" else {}
     if desc is not None:
         extra["DESC"] = bool(desc)
-    extra.update({name: bool(v) for name, v in flags.items() if v is not None and (is_cuda or name != "WS")})
     if not is_cuda:
         return extra, (1 if kind != "dkdv" else block_q)
     cfg.update(extra)
@@ -378,7 +340,7 @@ def _launch_fwd(q, k, v, row_count, row_index, scale, block_q, block_k):
     block_d = _block_d(d)
     cfg, split = _config("fwd", block_d, block_q, q.is_cuda)
     desc = bool(cfg.get("DESC")) and d == block_d and _tma_ok(q, k, v, o)
-    cfg = {**cfg, "DESC": desc, "ROT": desc and bool(cfg.get("ROT"))}
+    cfg = {**cfg, "DESC": desc}
     tensors = (q, k, v, o)
     if desc:
         from triton.tools.tensor_descriptor import TensorDescriptor
