@@ -90,6 +90,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sparge.testbed import pixel_geometry, read_info
     from sparge.testbed.data import sample_scenes
     from sparge_cli.common import UsageError, check_writable_target, write_json_atomic
 
@@ -142,12 +143,10 @@ def run(args: argparse.Namespace) -> int:
         save_pipeline(build_pipeline(cfg), model_dir, cfg, overwrite=args.overwrite)
     else:
         model_dir = Path(args.model)
-    info_path = model_dir / "testbed.json"
-    if not info_path.is_file():
+    info = read_info(model_dir)
+    if info is None:
         raise UsageError(f"--model {model_dir} has no testbed.json: give a model saved by benchmarks/testbed_run.py")
-    info = json.loads(info_path.read_text())
-    geo = info["pipeline_kwargs"]
-    height, width, frames = int(geo["height"]), int(geo["width"]), int(geo["num_frames"])
+    height, width, frames = pixel_geometry(model_dir)
     n_heads = int(info["config"]["num_heads"])
     block_q, block_k = (32, 16) if args.tiny else (128, 64)
     result.update(model=str(model_dir), height=height, width=width, frames=frames, tokens=info.get("tokens"),

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import json
 import os
 import platform
 import shlex
@@ -313,6 +312,7 @@ def run(args: argparse.Namespace) -> int:
     from sparge.data import LatentCache
     from sparge.distill import FinetuneConfig, Finetuner, scheduler_shift
     from sparge.integrations.diffusers import load_wan_pipeline
+    from sparge.testbed import read_info
     from sparge.testbed.data import Geometry, latents_to_rgb, read_back, sample_scenes
     from sparge.testbed.evaluate import decode_frames, psnr
     from sparge_cli.common import (
@@ -370,10 +370,10 @@ def run(args: argparse.Namespace) -> int:
             if not tiny:
                 raise UsageError("--model is required (the test-bed model, e.g. $OUT/testbed/model); only --tiny trains its own")
             model = str(_train_micro_model(work, device))
-        info_file = Path(model) / "testbed.json"
-        if not info_file.is_file():
+        info = read_info(model)
+        if info is None:
             raise UsageError(f"--model {model} has no testbed.json: give a model written by benchmarks/testbed_run.py")
-        tb = json.loads(info_file.read_text())["config"]
+        tb = info["config"]
         geometry = Geometry(tb["frames"], tb["height"], tb["width"])
         result["model"] = {"path": str(model), "tokens": geometry.tokens, "layers": tb["num_layers"], "heads": tb["num_heads"],
                            "head_dim": tb["head_dim"]}

@@ -25,6 +25,7 @@ from sparge_cli.common import (
     check_writable_target,
     cli_errors,
     console,
+    default_geometry,
     err_console,
     parse_device,
     parse_dtype,
@@ -212,9 +213,7 @@ def run_calibrate(
 
     # -- preset, geometry, destination --------------------------------------------------------------------
     pr, model_id = resolve_preset(preset, model, height, width, default=DEFAULT_PRESET)
-    height = height if height is not None else (pr.height if pr else 480)
-    width = width if width is not None else (pr.width if pr else 832)
-    frames = frames if frames is not None else (pr.frames if pr else 81)
+    height, width, frames = default_geometry(pr, model_id, height, width, frames)
     _check_geometry(height, width, frames)
     if pr is not None:
         for name, v, have in (("--block-q", block_q, pr.block_q), ("--block-k", block_k, pr.block_k)):
@@ -485,9 +484,9 @@ def register(app: typer.Typer) -> None:
         heads: int = typer.Option(2, "--heads", help="Heads captured per layer (seeded random choice)."),
         per_layer: bool = typer.Option(False, "--per-layer", help="Also search a (k, p) per layer; stored when it lowers the error at equal sparsity."),
         tolerance: float = typer.Option(0.005, "--tolerance", help="Allowed |reached - target| sparsity (0.005 = +-0.5%)."),
-        height: Optional[int] = typer.Option(None, "--height", help="Height in pixels (default: the preset's)."),
-        width: Optional[int] = typer.Option(None, "--width", help="Width in pixels (default: the preset's)."),
-        frames: Optional[int] = typer.Option(None, "--frames", help="Frames, 4n+1 (default: the preset's)."),
+        height: Optional[int] = typer.Option(None, "--height", help="Height in pixels (default: the preset's, else a test-bed model's own, else 480)."),
+        width: Optional[int] = typer.Option(None, "--width", help="Width in pixels (default: the preset's, else a test-bed model's own, else 832)."),
+        frames: Optional[int] = typer.Option(None, "--frames", help="Frames, 4n+1 (default: the preset's, else a test-bed model's own, else 81)."),
         block_q: Optional[int] = typer.Option(None, "--block-q", help="Query block size of a new preset (default 128)."),
         block_k: Optional[int] = typer.Option(None, "--block-k", help="Key block size of a new preset (default 64)."),
         guidance_scale: float = typer.Option(5.0, "--guidance-scale", help="CFG scale of the calibration run."),

@@ -20,6 +20,7 @@ from sparge_cli.common import (
     check_writable_target,
     cli_errors,
     console,
+    default_geometry,
     err_console,
     parse_device,
     parse_dtype,
@@ -170,7 +171,10 @@ def run_generate(
         raise UsageError("--dense runs the dense baseline: drop --sparsity/--topk/--topp, or drop --dense")
     if topk is not None and sparsity is not None:
         raise UsageError("--sparsity picks a preset level and --topk/--topp set the knobs directly: give one of them")
-    torch_dtype = parse_dtype(dtype)
+    try:
+        torch_dtype = None if dtype == "auto" else parse_dtype(dtype)
+    except UsageError:
+        raise UsageError(f"--dtype {dtype!r} is not known: use auto, bf16, fp16 or fp32") from None
     if backend not in ("auto", "triton", "torch"):
         raise UsageError(f"--backend {backend!r} is not known: use auto, triton or torch")
     if out.suffix.lower() != ".mp4":
@@ -191,9 +195,7 @@ def run_generate(
             + ", ".join(_shipped())
             + ")"
         )
-    height = height if height is not None else (pr.height if pr else 480)
-    width = width if width is not None else (pr.width if pr else 832)
-    frames = frames if frames is not None else (pr.frames if pr else 81)
+    height, width, frames = default_geometry(pr, model_id, height, width, frames)
     _check_geometry(height, width, frames)
 
     from sparge import SpargeConfig
@@ -212,6 +214,10 @@ def run_generate(
             level_target = sparsity if sparsity is not None else pr.default_sparsity()
             config = pr.to_config(level_target, backend=backend)
     dev = _resolve_device(device, cpu_offload)
+    if torch_dtype is None:  # bf16 matrix products on a CPU run ~4x slower than fp32 (2-core CI machine)
+        import torch
+
+        torch_dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
 
     # -- load -------------------------------------------------------------------------------------------
     from sparge.integrations.diffusers import apply, load_wan_pipeline
@@ -388,10 +394,10 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(50, "--steps", help="Denoising steps."),
         guidance_scale: float = typer.Option(5.0, "--guidance-scale", help="Classifier-free guidance scale (<= 1 disables CFG)."),
         seed: int = typer.Option(0, "--seed", help="Random seed of the initial noise."),
-        frames: Optional[int] = typer.Option(None, "--frames", help="Frames, 4n+1 (default: the preset's, else 81)."),
-        height: Optional[int] = typer.Option(None, "--height", help="Height in pixels, multiple of 16 (default: the preset's, else 480)."),
-        width: Optional[int] = typer.Option(None, "--width", help="Width in pixels, multiple of 16 (default: the preset's, else 832)."),
-        dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32 (transformer and text encoder; the VAE runs in fp32)."),
+        frames: Optional[int] = typer.Option(None, "--frames", help="Frames, 4n+1 (default: the preset's, else a test-bed model's own, else 81)."),
+        height: Optional[int] = typer.Option(None, "--height", help="Height in pixels, multiple of 16 (default: the preset's, else a test-bed model's own, else 480)."),
+        width: Optional[int] = typer.Option(None, "--width", help="Width in pixels, multiple of 16 (default: the preset's, else a test-bed model's own, else 832)."),
+        dtype: str = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32 for the transformer and text encoder (auto: bf16 on a GPU, fp32 on the CPU; the VAE runs in fp32)."),
         device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: cuda; the CPU must be asked for)."),
         cpu_offload: bool = typer.Option(False, "--cpu-offload", help="Keep models on the CPU and move each to the GPU when used (less GPU memory)."),
         out: Path = typer.Option(Path("video.mp4"), "--out", help="Output .mp4; the sidecar is the same path with .json."),

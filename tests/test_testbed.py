@@ -381,9 +381,13 @@ def test_sparge_generate_runs_on_the_trained_test_bed(trained, tmp_path, plain_t
         warnings.simplefilter("ignore")
         r = CliRunner().invoke(app, [
             "generate", "--prompt", "a small red circle at the center moving up slowly", "--model", str(trained["path"]),
-            "--topk", "0.3", "--topp", "0.2", "--steps", "2", "--frames", "9", "--height", "128", "--width", "128",
-            "--device", "cpu", "--dtype", "fp32", "--out", str(out)])
+            "--topk", "0.3", "--topp", "0.2", "--steps", "2", "--device", "cpu", "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert out.stat().st_size > 0
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["prompt"].startswith("a small red circle")
+    # with no preset and no geometry options, the model's own training geometry (not Wan's 480 x 832 x 81)
+    from sparge.testbed import pixel_geometry
+
+    assert (side["height"], side["width"], side["frames"]) == pixel_geometry(trained["path"])
+    assert side["dtype"] == "float32"  # --dtype auto: fp32 on the CPU
