@@ -5,8 +5,9 @@ Layout is ``[B, H, L, D]`` (SDPA's); strided views such as ``x.transpose(1, 2)``
 
 Dispatch: the Triton kernels run on CUDA (compute capability >= 8.0) and on the CPU under the Triton
 interpreter (``TRITON_INTERPRET=1``). Anywhere else -- a CPU without the interpreter, float64, a head
-dim over 256 -- the exact plain-PyTorch path of `sparge.reference` runs instead, with one warning
-(or a ``RuntimeError`` when ``backend="triton"`` was asked for).
+dim over 256 -- an exact plain-PyTorch path runs instead (`_gathered_attention`: each query block
+against its gathered kept key blocks), with one warning (or a ``RuntimeError`` when ``backend="triton"``
+was asked for).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Literal
 
 import torch
 
-from sparge import reference
 from sparge.kernels import capability, triton_available
 from sparge.mask import (
     BlockMask,
@@ -161,7 +161,7 @@ def _resolve_backend(q: torch.Tensor, backend: Backend) -> str:
     _warn_once(
         f"fallback:{why}",
         f"sparge: Triton block-sparse kernel unavailable for {why}; using the exact PyTorch path "
-        "(materialises the score matrix: slow, O(L^2) memory)",
+        "(gathers the kept key blocks per query block: exact, much slower than the kernel)",
     )
     return "torch"
 
@@ -213,10 +213,9 @@ def block_sparse_attention(
         scale = q.shape[-1] ** -0.5
     if not (math.isfinite(float(scale)) and float(scale) > 0):
         raise ValueError(f"scale={scale!r} is not accepted: use a positive finite number (default 1/sqrt(head_dim))")
-    if _resolve_backend(q, backend) == "torch":
-        dense = mask.to_dense() if isinstance(mask, BlockMask) else mask
-        return reference.block_sparse_attention(q, k, v, dense, block_q, block_k, scale)
     bm = mask if isinstance(mask, BlockMask) else BlockMask.from_dense(mask, lq, lk, block_q=block_q, block_k=block_k)
+    if _resolve_backend(q, backend) == "torch":
+        return _gathered_attention(q, k, v, bm.row_count, bm.row_index, block_q, block_k, float(scale))
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         from sparge.kernels.block_sparse_attn import attn_fwd
 
@@ -224,6 +223,38 @@ def block_sparse_attention(
     return _BlockSparseAttentionFn.apply(
         q, k, v, bm.row_count, bm.row_index, bm.col_count, bm.col_index, float(scale), block_q, block_k
     )
+
+
+def _gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_count: torch.Tensor, row_index: torch.Tensor,
+                        block_q: int, block_k: int, scale: float) -> torch.Tensor:
+    """The torch backend: each query block attends to its kept key blocks only, gathered from k and v.
+
+    Exact (same result as `sparge.reference.block_sparse_attention`), differentiable through autograd,
+    computed in q's dtype. Memory and time scale with the kept blocks: ``[B, H, Tq, block_q, C * block_k]``
+    scores, C the largest row count, instead of the full ``[B, H, Lq, Lk]`` score matrix.
+    """
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    tq, tk = row_count.shape[2], -(-lk // block_k)
+    c = int(row_count.max()) if row_count.numel() else 0  # one host sync: this path is not for CUDA graphs
+    if c == 0:
+        return q.new_zeros(b, h, lq, v.shape[-1])
+    slot = torch.arange(c, device=q.device)
+    kept = slot < row_count.unsqueeze(-1)  # [B, H, Tq, C]
+    idx = torch.where(kept, row_index[..., :c].long(), 0).clamp_(0, tk - 1)
+    pad_k = tk * block_k - lk
+    kb = torch.nn.functional.pad(k, (0, 0, 0, pad_k)).reshape(b, h, tk, block_k * d)
+    vb = torch.nn.functional.pad(v, (0, 0, 0, pad_k)).reshape(b, h, tk, block_k * v.shape[-1])
+    flat = idx.view(b, h, tq * c, 1)
+    kg = torch.gather(kb, 2, flat.expand(-1, -1, -1, kb.shape[-1])).view(b, h, tq, c * block_k, d)
+    vg = torch.gather(vb, 2, flat.expand(-1, -1, -1, vb.shape[-1])).view(b, h, tq, c * block_k, v.shape[-1])
+    qb = torch.nn.functional.pad(q, (0, 0, 0, tq * block_q - lq)).reshape(b, h, tq, block_q, d)
+    key_pos = (idx.unsqueeze(-1) * block_k + torch.arange(block_k, device=q.device)).view(b, h, tq, 1, c * block_k)
+    valid = (kept.repeat_interleave(block_k, dim=-1).unsqueeze(-2)) & (key_pos < lk)  # [B, H, Tq, 1, C*bk]
+    s = torch.matmul(qb, kg.transpose(-1, -2)) * scale
+    s = s.masked_fill(~valid, float("-inf")).masked_fill(~valid.any(-1, keepdim=True), 0.0)  # empty rows stay finite
+    p = torch.softmax(s, dim=-1) * valid
+    return torch.matmul(p, vg).reshape(b, h, tq * block_q, -1)[:, :, :lq]
 
 
 def mask_device(mask: torch.Tensor | BlockMask) -> torch.device:

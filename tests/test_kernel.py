@@ -163,11 +163,21 @@ def test_autocast_and_gradient_checkpointing():
         torch.testing.assert_close(a, b)
 
 
-def test_torch_backend_matches_reference_without_triton():
-    q, k, v = _qkv(1, 2, 200, 150, 32, seed=9)
-    mask = _rand_mask(1, 2, 200, 150, 0.5, seed=9)
-    o = sparge.block_sparse_attention(q, k, v, mask, backend="torch")
-    assert _rel(o, reference.block_sparse_attention(q.double(), k.double(), v.double(), mask)) < 1e-6
+@pytest.mark.parametrize("b,lq,lk,d,density", [(1, 200, 150, 32, 0.5), (2, 300, 330, 64, 0.3), (1, 256, 256, 128, 1.0)])
+def test_torch_backend_matches_reference_without_triton(b, lq, lk, d, density):
+    """The torch backend (kept key blocks gathered per query block) against the dense-matrix reference in
+    float64: output and gradients, partial blocks, an empty row, a strided [B, L, H, D] view."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(b, length, 2, d, generator=g, dtype=torch.float64).to(DEV).transpose(1, 2).requires_grad_()
+               for length in (lq, lk, lk))
+    mask = _rand_mask(b, 2, lq, lk, density, seed=9)
+    mask[0, 0, -1] = False  # an empty row
+    mask[0, 1, 0, -1] = True  # the partial last key block
+    do = torch.randn(b, 2, lq, d, generator=g, dtype=torch.float64).to(DEV)
+    for got, want in zip(_run(q, k, v, mask, do, backend="torch"), _golden(q, k, v, mask, do)):
+        assert _rel(got, want) < 1e-12
+    last = (_nblocks(lq, 128) - 1) * 128
+    assert torch.equal(_run(q, k, v, mask, do, backend="torch")[0][0, 0, last:], torch.zeros_like(q[0, 0, last:]))
 
 
 def test_float64_takes_torch_path_with_one_warning():
