@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     info = read_info(model_dir)
     if info is None:
         raise UsageError(f"--model {model_dir} has no testbed.json: give a model saved by benchmarks/testbed_run.py")
-    height, width, frames = pixel_geometry(model_dir)
+    height, width, frames = pixel_geometry(info)
     n_heads = int(info["config"]["num_heads"])
     block_q, block_k = (32, 16) if args.tiny else (128, 64)
     result.update(model=str(model_dir), height=height, width=width, frames=frames, tokens=info.get("tokens"),

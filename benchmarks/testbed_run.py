@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import shlex
@@ -100,6 +99,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     from sparge.integrations.diffusers import load_wan_pipeline
+    from sparge.testbed import read_info
     from sparge.testbed.data import Geometry
     from sparge.testbed.evaluate import EvalSettings, evaluate, preview_image
     from sparge.testbed.train import TestbedConfig, dir_size, save_pipeline, train
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     _ON_FAILURE.append(save_failure)
 
     if args.skip_train:
-        info = json.loads((model_dir / "testbed.json").read_text()) if (model_dir / "testbed.json").is_file() else {}
+        info = read_info(model_dir) or {}
         cfg_dict = info.get("config")
         if cfg_dict is None:
             raise UsageError(f"{model_dir} has no testbed.json: it was not written by sparge.testbed.train")

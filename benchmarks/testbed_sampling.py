@@ -36,11 +36,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
+    from sparge.testbed import read_info
     from sparge.testbed.data import Geometry, read_back, render_latents, sample_scenes
     from sparge.testbed.evaluate import sample_latents
     from sparge.testbed.train import encode_captions
 
-    info = json.loads((Path(args.model) / "testbed.json").read_text())
+    info = read_info(args.model)
+    if info is None:
+        print(f"error: --model {args.model} has no testbed.json: give a model written by sparge.testbed.train", file=sys.stderr)
+        return 2
     cfg = info["config"]
     geometry = Geometry(cfg["frames"], cfg["height"], cfg["width"])
     scenes = sample_scenes(args.captions, seed=0, split="heldout")

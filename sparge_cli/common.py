@@ -132,11 +132,13 @@ def default_geometry(pr: Any, model_id: str | None, height: int | None, width: i
                      frames: int | None) -> tuple[int, int, int]:
     """``(height, width, frames)``: each given value, else the preset's, else the geometry a test-bed model
     was trained on (its ``testbed.json``), else Wan2.1's 480 x 832 x 81."""
-    from sparge.testbed import pixel_geometry
+    from sparge.testbed import pixel_geometry, read_info
 
-    fallback = (pixel_geometry(model_id) if pr is None and model_id else None) or (480, 832, 81)
     if pr is not None:
         fallback = (pr.height, pr.width, pr.frames)
+    else:
+        info = read_info(model_id) if model_id else None
+        fallback = pixel_geometry(info) if info is not None else (480, 832, 81)
     return (height if height is not None else fallback[0], width if width is not None else fallback[1],
             frames if frames is not None else fallback[2])
 

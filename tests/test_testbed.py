@@ -387,7 +387,7 @@ def test_sparge_generate_runs_on_the_trained_test_bed(trained, tmp_path, plain_t
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["prompt"].startswith("a small red circle")
     # with no preset and no geometry options, the model's own training geometry (not Wan's 480 x 832 x 81)
-    from sparge.testbed import pixel_geometry
+    from sparge.testbed import pixel_geometry, read_info
 
-    assert (side["height"], side["width"], side["frames"]) == pixel_geometry(trained["path"])
+    assert (side["height"], side["width"], side["frames"]) == pixel_geometry(read_info(trained["path"]))
     assert side["dtype"] == "float32"  # --dtype auto: fp32 on the CPU

@@ -22,11 +22,7 @@ def read_info(model_dir: str | os.PathLike) -> dict[str, Any] | None:
         raise ValueError(f"{path} is not readable JSON ({e}): re-save the model with sparge.testbed.train") from None
 
 
-def pixel_geometry(model_dir: str | os.PathLike) -> tuple[int, int, int] | None:
-    """``(height, width, num_frames)`` in pixels that the test-bed model at ``model_dir`` was trained on,
-    or ``None`` when it is not a test-bed model."""
-    info = read_info(model_dir)
-    if info is None:
-        return None
+def pixel_geometry(info: dict[str, Any]) -> tuple[int, int, int]:
+    """``(height, width, num_frames)`` in pixels that a test-bed model was trained on, from its `read_info`."""
     kw = info["pipeline_kwargs"]
     return int(kw["height"]), int(kw["width"]), int(kw["num_frames"])

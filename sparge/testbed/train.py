@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from sparge._atomic import atomic_dir
+from sparge.testbed import INFO_FILE
 from sparge.testbed.data import (
     MICRO_GEOMETRY,
     Geometry,
@@ -472,7 +473,7 @@ def save_pipeline(pipe: Any, path: str | os.PathLike, cfg: TestbedConfig, *, ove
         out.save_pretrained(tmp, safe_serialization=True)
         info = {"format": "sparge-testbed", "version": 1, "config": cfg.to_dict(), "geometry": dataclasses.asdict(cfg.geometry),
                 "pipeline_kwargs": cfg.geometry.pipeline_kwargs(), "tokens": cfg.geometry.tokens, **(extra or {})}
-        (tmp / "testbed.json").write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return path
 
 
