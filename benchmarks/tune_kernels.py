@@ -36,7 +36,7 @@ def main() -> None:
     scale = d ** -0.5
     base = copy.deepcopy(K.KERNEL_CONFIGS)
     bd = K._block_d(d)
-    o_ref, lse_ref = K._launch_fwd(q, k, v, bm.row_count, bm.row_index, scale, 128, 64)
+    o_ref, lse_ref = K._launch_fwd(q, k, v, bm.row_count, bm.row_index, scale, 128, 64, impl="triton")
     g_ref = K._launch_bwd(do, q, k, v, o_ref, lse_ref, bm.row_count, bm.row_index, bm.col_count, bm.col_index, scale, 128, 64)
     rel = lambda a, r: float((a.float() - r.float()).norm() / r.float().norm())
     results = []
@@ -53,7 +53,7 @@ def main() -> None:
             K.KERNEL_CONFIGS[kind][bd] = cand
             try:
                 if kind == "fwd":
-                    fn = lambda: K._launch_fwd(q, k, v, bm.row_count, bm.row_index, scale, 128, 64)
+                    fn = lambda: K._launch_fwd(q, k, v, bm.row_count, bm.row_index, scale, 128, 64, impl="triton")
                     out = fn()[0]
                     err = rel(out, o_ref)
                 else:

@@ -331,7 +331,17 @@ def _tma_ok(*xs: torch.Tensor) -> bool:
     return not xs[0].is_cuda or capability(xs[0].device)[0] >= 9
 
 
-def _launch_fwd(q, k, v, row_count, row_index, scale, block_q, block_k):
+# Which forward kernel runs on the GPU: "auto" takes the Gluon kernel (`hopper_fwd.py`) where it supports the
+# call (Hopper, bf16/fp16, D 64/128, TMA-addressable) and this file's `tl` kernel elsewhere; "triton" always
+# takes the `tl` kernel (for comparisons).
+FWD_IMPL = "auto"
+
+
+def _launch_fwd(q, k, v, row_count, row_index, scale, block_q, block_k, impl: str | None = None):
+    from sparge.kernels import hopper_fwd
+
+    if (impl or FWD_IMPL) == "auto" and hopper_fwd.supported(q, k, v, block_q, block_k):
+        return hopper_fwd.launch_fwd(q, k, v, row_count, row_index, scale, block_q, block_k)
     b, h, lq, d = q.shape
     lk = k.shape[2]
     tq, tk = row_index.shape[2], row_index.shape[3]
