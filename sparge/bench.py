@@ -67,11 +67,11 @@ def environment(device: torch.device) -> dict:
         env["triton"] = None
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        from sparge.kernels import capability, hopper_fwd
+        from sparge.kernels import hopper_fwd
 
         env.update(gpu=p.name, sm_count=p.multi_processor_count, gpu_memory_gib=round(p.total_memory / 2**30, 1),
                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                   sparge_forward_kernel="gluon-hopper" if hopper_fwd.HAS_GLUON and capability(device)[0] == 9 else "triton")
+                   sparge_forward_kernel="gluon-hopper" if hopper_fwd.available(device) else "triton")
     else:
         env.update(gpu=None, cpu=platform.processor() or platform.machine())
     return env

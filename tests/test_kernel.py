@@ -285,9 +285,9 @@ def test_gpu_dense_mask_path_matches_sdpa_bf16(d):
 
 
 def _hopper_gluon() -> bool:
-    from sparge.kernels import capability, hopper_fwd
+    from sparge.kernels import hopper_fwd
 
-    return torch.cuda.is_available() and hopper_fwd.HAS_GLUON and capability(torch.device("cuda"))[0] == 9
+    return torch.cuda.is_available() and hopper_fwd.available(torch.device("cuda"))
 
 
 @pytest.mark.skipif(not _hopper_gluon(), reason="the Gluon forward kernel runs on Hopper GPUs only")

@@ -30,6 +30,7 @@ import functools
 import torch
 
 from sparge.kernels import HAS_TRITON, capability
+from sparge.kernels.block_sparse_attn import LOG2E, _tma_ok
 
 HAS_GLUON = False
 if HAS_TRITON:
@@ -48,8 +49,6 @@ if HAS_TRITON:
         HAS_GLUON = True
     except ImportError:  # Triton without Gluon, or with a different Gluon API
         HAS_GLUON = False
-
-LOG2E = 1.4426950408889634
 
 if HAS_GLUON:
 
@@ -262,22 +261,25 @@ if HAS_GLUON:
 
 
 # Launch configuration, tuned on an H100 (`benchmarks/tune_hopper_fwd.py`, benchmarks/NOTES.md): ring slots,
-# kept blocks per step, consumer ping-pong, heaviest-row-first order, programs per SM, setmaxnreg budgets.
+# kept blocks per step, consumer ping-pong, heaviest-row-first order, setmaxnreg budgets.
 HOPPER_FWD_CONFIG: dict[str, int] = {"num_buf": 3, "pair": 1, "pingpong": 0, "lpt": 0,
                                       "loader_regs": 24, "consumer_regs": 232}
+
+
+def available(device: torch.device) -> bool:
+    """Whether the Gluon kernel can run on ``device`` at all: Gluon importable and a Hopper (sm_90) GPU."""
+    return HAS_GLUON and device.type == "cuda" and capability(device)[0] == 9
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int) -> bool:
     """Whether the Gluon kernel can run this call: a Hopper GPU, bf16/fp16, D in {64, 128}, 128x64 blocks,
     TMA-addressable ``[B, H, L, D]`` tensors."""
-    if not (HAS_GLUON and q.is_cuda and capability(q.device)[0] == 9):
+    if not available(q.device):
         return False
     if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype):
         return False
     if q.shape[-1] not in (64, 128) or v.shape[-1] != q.shape[-1] or block_q != 128 or block_k != 64:
         return False
-    from sparge.kernels.block_sparse_attn import _tma_ok
-
     return _tma_ok(q, k, v)
 
 
@@ -314,4 +316,4 @@ def launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_count: tor
     return o, lse
 
 
-__all__ = ["HAS_GLUON", "HOPPER_FWD_CONFIG", "launch_fwd", "supported"]
+__all__ = ["HAS_GLUON", "HOPPER_FWD_CONFIG", "available", "launch_fwd", "supported"]
