@@ -291,20 +291,19 @@ def _hopper_gluon() -> bool:
 
 
 @pytest.mark.skipif(not _hopper_gluon(), reason="the Gluon forward kernel runs on Hopper GPUs only")
-@pytest.mark.parametrize("config", [{}, {"max_split": 1}, {"pair": 2, "num_buf": 2}, {"pingpong": 1}, {"lpt": 1}])
+@pytest.mark.parametrize("config", [{}, {"pair": 2, "num_buf": 2}, {"pingpong": 1}, {"lpt": 1}])
 @pytest.mark.parametrize(
     "b,h,lq,lk,d,dtype,density",
     [
         (1, 2, 300, 200, 128, torch.bfloat16, 0.5),   # partial blocks on both sides, odd row lists
         (2, 3, 1000, 777, 64, torch.float16, 0.3),    # D = 64, fp16
         (1, 1, 130, 70, 128, torch.bfloat16, 1.0),    # one-token tails, dense
-        (1, 2, 2048, 4096, 128, torch.bfloat16, 0.1), # few tiles: every tile split into pieces
-        (1, 10, 2000, 1500, 128, torch.bfloat16, 0.2), # more tiles than SMs: whole tiles, then split ones
+        (1, 2, 2048, 4096, 128, torch.bfloat16, 0.1), # many tiles per program
     ],
 )
 def test_gpu_hopper_forward_matches_reference(config, b, h, lq, lk, d, dtype, density):
     """Every Gluon configuration equals the float64 reference to within low-precision rounding, the `tl`
-    kernel's own error included; an empty row gives zeros and an LSE of -inf, split tiles included."""
+    kernel's own error included; an empty row gives zeros and an LSE of -inf."""
     from sparge.kernels import block_sparse_attn as K
     from sparge.kernels import hopper_fwd
 
@@ -322,20 +321,3 @@ def test_gpu_hopper_forward_matches_reference(config, b, h, lq, lk, d, dtype, de
     fin = torch.isfinite(ref_lse)
     assert float((lse.double()[fin] - ref_lse[fin]).abs().max()) < 1e-3
     assert torch.equal(o[:, :, :128], torch.zeros_like(o[:, :, :128])) and torch.isinf(lse[:, :, :128]).all()
-
-
-@pytest.mark.parametrize("num_tiles,programs", [(3072, 132), (23640, 132), (16, 132), (160, 132), (264, 132), (100, 132), (7, 3)])
-def test_split_plan_covers_every_tile_and_balances_the_last_round(num_tiles, programs):
-    """Whole tiles fill whole rounds; the rest are cut only when that shortens the busiest program's work."""
-    from sparge.kernels.hopper_fwd import _PIECE_COST, split_plan
-
-    nfull, split = split_plan(num_tiles, programs, 8)
-    rem = num_tiles - nfull
-    assert split >= 1 and 0 <= rem < programs
-    if split == 1:
-        assert nfull == num_tiles
-    else:
-        assert nfull % programs == 0 and rem == num_tiles % programs
-        busiest = -(-rem * split // programs) / split + _PIECE_COST * (split - 1)
-        assert busiest < 1.0  # cheaper than running the last round whole
-    assert split_plan(num_tiles, programs, 1) == (num_tiles, 1)

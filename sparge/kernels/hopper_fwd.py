@@ -51,40 +51,6 @@ if HAS_TRITON:
         HAS_GLUON = False
 
 if HAS_GLUON:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _combine_kernel(PartO, PartM, PartL, O, LSE, Order, nfull, split, TQ, H, Lq, sob, soh, sol,
-                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ORDERED: tl.constexpr):
-        """Merge the ``split`` partial results of split tile ``nfull + program_id`` into its rows of O and LSE."""
-        i = tl.program_id(0)
-        tile = nfull + i
-        if ORDERED:
-            tile = tl.load(Order + tile)
-        pid_m = tile % TQ
-        pid_bh = tile // TQ
-        rows = tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_D)
-        base = i.to(tl.int64) * split * BLOCK_M
-        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        for p in range(split):
-            m = tl.maximum(m, tl.load(PartM + base + p * BLOCK_M + rows))
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        l = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for p in range(split):
-            off = base + p * BLOCK_M + rows
-            w = tl.exp2(tl.load(PartM + off) - m_safe)  # 0 for an empty piece (max -inf)
-            l += w * tl.load(PartL + off)
-            acc += w[:, None] * tl.load(PartO + off[:, None] * BLOCK_D + cols[None, :])
-        nonempty = l > 0.0
-        l_safe = tl.where(nonempty, l, 1.0)
-        offs_m = pid_m * BLOCK_M + rows
-        lse = tl.where(nonempty, (m + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
-        o_ptrs = O + (pid_bh // H).to(tl.int64) * sob + (pid_bh % H).to(tl.int64) * soh + offs_m[:, None].to(tl.int64) * sol + cols[None, :]
-        tl.store(o_ptrs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=offs_m[:, None] < Lq)
 
     @gluon.jit
     def _tile_coords(tile, TQ, Order, ORDERED: gl.constexpr):
@@ -92,31 +58,6 @@ if HAS_GLUON:
         if ORDERED:
             tile = gl.load(Order + tile)
         return tile % TQ, tile // TQ
-
-    @gluon.jit
-    def _work_item(item, nfull, split, TQ, TK, Order, RowCount, RowIndex, PAIR: gl.constexpr, ORDERED: gl.constexpr):
-        """What work item ``item`` is: items below ``nfull`` are whole tiles, the rest are ``split`` pieces of each
-        remaining tile, piece i taking steps ``[i * steps // split, (i + 1) * steps // split)`` of its row list.
-
-        Returns (query block, batch*head, row-list pointer, kept count, steps of the whole tile, first step,
-        end step, partial slot): the slot is -1 for a whole tile, else where the piece leaves its partial result.
-        """
-        part = gl.maximum(item - nfull, -1)
-        tile = item
-        piece = 0
-        if item >= nfull:
-            tile = nfull + part // split
-            piece = part % split
-        pid_m, pid_bh = _tile_coords(tile, TQ, Order, ORDERED)
-        lut_row = pid_bh.to(gl.int64) * TQ + pid_m
-        count = gl.load(RowCount + lut_row)
-        steps = (count + PAIR - 1) // PAIR
-        t0 = 0
-        t1 = steps
-        if item >= nfull:
-            t0 = piece * steps // split
-            t1 = (piece + 1) * steps // split
-        return pid_m, pid_bh, RowIndex + lut_row * TK, count, steps, t0, t1, part
 
     @gluon.jit
     def _copy_step(desc, bar, slot, b, h, kb0, kb1, BLOCK_N: gl.constexpr, PAIR: gl.constexpr):
@@ -128,27 +69,30 @@ if HAS_GLUON:
 
     @gluon.jit
     def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars,
-                RowCount, RowIndex, Order, H, TQ, TK, num_items, nfull, split,
+                RowCount, RowIndex, Order, H, TQ, TK, num_tiles,
                 HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_BUF: gl.constexpr, PAIR: gl.constexpr,
                 ORDERED: gl.constexpr):
         it = 0
         n = 0
-        for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
-            pid_m, pid_bh, idx_ptr, count, steps, t0, t1, part = _work_item(
-                item, nfull, split, TQ, TK, Order, RowCount, RowIndex, PAIR, ORDERED)
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            pid_m, pid_bh = _tile_coords(tile, TQ, Order, ORDERED)
             b = pid_bh // H
             h = pid_bh % H
+            lut_row = pid_bh.to(gl.int64) * TQ + pid_m
+            count = gl.load(RowCount + lut_row)
+            idx_ptr = RowIndex + lut_row * TK
             for i in gl.static_range(2):
                 # a fresh barrier counts as having completed the phase before 0, so the first lap passes
                 mbarrier.wait(q_free.index(i), (n & 1) ^ 1)
                 mbarrier.expect(q_bars.index(i), q_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(q_desc, [b, h, (2 * pid_m + i) * HALF_M, 0], q_bars.index(i), q_smem.index(i))
+            steps = (count + PAIR - 1) // PAIR
             # the block indices of step t + 1 are read during step t, so no global-load latency sits between
             # a free slot and its copies; an odd row list repeats its last block (the consumers mask it)
-            kb0 = gl.load(idx_ptr + gl.minimum(t0 * PAIR, count - 1), mask=count > 0, other=0)
-            kb1 = gl.load(idx_ptr + gl.minimum(t0 * PAIR + 1, count - 1), mask=count > 1, other=0)
-            for t in range(t0, t1):
-                j = it + t - t0
+            kb0 = gl.load(idx_ptr, mask=count > 0, other=0)
+            kb1 = gl.load(idx_ptr + gl.minimum(1, count - 1), mask=count > 1, other=0)
+            for t in range(steps):
+                j = it + t
                 s = j % NUM_BUF
                 mbarrier.wait(free_bars.index(s), ((j // NUM_BUF) & 1) ^ 1)
                 _copy_step(k_desc, k_bars.index(s), k_smem.index(s), b, h, kb0, kb1, BLOCK_N, PAIR)
@@ -157,7 +101,7 @@ if HAS_GLUON:
                 kb0 = gl.load(idx_ptr + gl.minimum(nxt, count - 1))
                 if PAIR == 2:
                     kb1 = gl.load(idx_ptr + gl.minimum(nxt + 1, count - 1))
-            it += t1 - t0
+            it += steps
             n += 1
 
     @gluon.jit
@@ -186,8 +130,8 @@ if HAS_GLUON:
         return p, m_new, l_i, alpha
 
     @gluon.jit
-    def _consumer(o_desc, LSE, PartO, PartM, PartL, q_smem, o_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars,
-                  free_bars, turn_bars, RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK, num_items, nfull, split, qk_scale,
+    def _consumer(o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars, turn_bars,
+                  RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK, num_tiles, qk_scale,
                   WG: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
                   NUM_BUF: gl.constexpr, PAIR: gl.constexpr, TAIL: gl.constexpr, PINGPONG: gl.constexpr,
                   ORDERED: gl.constexpr):
@@ -203,15 +147,18 @@ if HAS_GLUON:
 
         it = 0
         n = 0
-        for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
-            pid_m, pid_bh, idx_ptr, count, steps, t0, t1, part = _work_item(
-                item, nfull, split, TQ, TK, Order, RowCount, RowIndex, PAIR, ORDERED)
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            pid_m, pid_bh = _tile_coords(tile, TQ, Order, ORDERED)
+            lut_row = pid_bh.to(gl.int64) * TQ + pid_m
+            count = gl.load(RowCount + lut_row)
+            idx_ptr = RowIndex + lut_row * TK
+            steps = (count + PAIR - 1) // PAIR
             kb_last = gl.load(idx_ptr + count - 1, mask=count > 0, other=0)
             m_i = gl.full([HALF_M], float("-inf"), gl.float32, layout=row_s)
             l_i = gl.zeros([HALF_M], gl.float32, layout=row_s)
             acc = gl.zeros([HALF_M, BLOCK_D], gl.float32, layout=o_layout)
             mbarrier.wait(q_bars.index(WG), n & 1)
-            if t1 > t0:
+            if steps > 0:
                 if PINGPONG:
                     mbarrier.wait(turn_bars.index(WG), it & 1)
                 s0 = it % NUM_BUF
@@ -221,11 +168,11 @@ if HAS_GLUON:
                 if PINGPONG:
                     mbarrier.arrive(turn_bars.index(1 - WG))
                 s = warpgroup_mma_wait(0, deps=(s_tok,))
-                p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, t0, steps, count, kb_last, Lk, qk_scale,
+                p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, steps, count, kb_last, Lk, qk_scale,
                                                    s_layout, BLOCK_N, PAIR, TAIL)
                 p = gl.convert_layout(p.to(dtype), p_layout)
-                for t in range(t0 + 1, t1):
-                    j = it + t - t0
+                for t in range(1, steps):
+                    j = it + t
                     slot = j % NUM_BUF
                     prev = (j - 1) % NUM_BUF
                     if PINGPONG:
@@ -244,7 +191,7 @@ if HAS_GLUON:
                     mbarrier.arrive(free_bars.index(prev))
                     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
                     p = gl.convert_layout(p_new.to(dtype), p_layout)
-                j = it + t1 - t0 - 1
+                j = it + steps - 1
                 last = j % NUM_BUF
                 mbarrier.wait(v_bars.index(last), (j // NUM_BUF) & 1)
                 acc_tok = warpgroup_mma(p, v_smem.index(last).reshape([KN, BLOCK_D]), acc, is_async=True)
@@ -256,37 +203,28 @@ if HAS_GLUON:
                 mbarrier.arrive(q_free.index(WG))
 
             l_o = gl.convert_layout(l_i, row_o)
+            nonempty = l_o > 0.0
+            l_safe = gl.where(nonempty, l_o, 1.0)
+            out = acc / l_safe[:, None]
             m_o = gl.convert_layout(m_i, row_o)
-            if part < 0:
-                nonempty = l_o > 0.0
-                l_safe = gl.where(nonempty, l_o, 1.0)
-                out = acc / l_safe[:, None]
-                lse = gl.where(nonempty, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-                row0 = (2 * pid_m + WG) * HALF_M
-                offs_m = row0 + gl.arange(0, HALF_M, layout=row_o)
-                gl.store(LSE + pid_bh.to(gl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
-                tma.store_wait(0)  # the previous tile's O has left the staging buffer
-                o_smem.index(WG).reshape([HALF_M, BLOCK_D]).store(out.to(dtype))
-                fence_async_shared()
-                tma.async_copy_shared_to_global(o_desc, [pid_bh // H, pid_bh % H, row0, 0], o_smem.index(WG))
-            else:
-                # a piece of a split tile: unnormalised O, base-2 running max and sum, merged by _combine_kernel
-                prow = part.to(gl.int64) * (2 * HALF_M) + WG * HALF_M + gl.arange(0, HALF_M, layout=row_o)
-                cols = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, o_layout))
-                gl.store(PartO + prow[:, None] * BLOCK_D + cols[None, :], acc)
-                gl.store(PartM + prow, m_o)
-                gl.store(PartL + prow, l_o)
-            it += t1 - t0
+            lse = gl.where(nonempty, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+            row0 = (2 * pid_m + WG) * HALF_M
+            offs_m = row0 + gl.arange(0, HALF_M, layout=row_o)
+            gl.store(LSE + pid_bh.to(gl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
+            tma.store_wait(0)  # the previous tile's O has left the staging buffer
+            o_smem.index(WG).reshape([HALF_M, BLOCK_D]).store(out.to(dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(o_desc, [pid_bh // H, pid_bh % H, row0, 0], o_smem.index(WG))
+            it += steps
             n += 1
         tma.store_wait(0)
 
     @gluon.jit
-    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, PartO, PartM, PartL, RowCount, RowIndex, Order,
-                    H, Lq, Lk, TQ, TK, num_items, nfull, split, qk_scale,
+    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK, num_tiles, qk_scale,
                     BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, NUM_BUF: gl.constexpr, PAIR: gl.constexpr,
                     TAIL: gl.constexpr, PINGPONG: gl.constexpr, ORDERED: gl.constexpr,
                     LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
-        # persistent: each program walks work items pid, pid + grid, ... (tiles in Order when ORDERED)
+        # persistent: each program walks tiles pid, pid + grid, ... (in Order when ORDERED)
         HALF_M: gl.constexpr = q_desc.block_type.shape[2]
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
@@ -311,43 +249,21 @@ if HAS_GLUON:
         if PINGPONG:
             mbarrier.arrive(turn_bars.index(0))  # consumer 0 issues first
         gl.warp_specialize([
-            (_consumer, (o_desc, LSE, PartO, PartM, PartL, q_smem, o_smem, k_smem, v_smem, q_bars, q_free, k_bars,
-                         v_bars, free_bars, turn_bars, RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK,
-                         num_items, nfull, split, qk_scale, 0, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF, PAIR, TAIL, PINGPONG, ORDERED)),
-            (_consumer, (o_desc, LSE, PartO, PartM, PartL, q_smem, o_smem, k_smem, v_smem, q_bars, q_free, k_bars,
-                         v_bars, free_bars, turn_bars, RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK,
-                         num_items, nfull, split, qk_scale, 1, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF, PAIR, TAIL, PINGPONG, ORDERED)),
+            (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars, turn_bars,
+                         RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK, num_tiles, qk_scale,
+                         0, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF, PAIR, TAIL, PINGPONG, ORDERED)),
+            (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars, turn_bars,
+                         RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK, num_tiles, qk_scale,
+                         1, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF, PAIR, TAIL, PINGPONG, ORDERED)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars,
-                       RowCount, RowIndex, Order, H, TQ, TK, num_items, nfull, split,
-                       HALF_M, BLOCK_N, NUM_BUF, PAIR, ORDERED)),
+                       RowCount, RowIndex, Order, H, TQ, TK, num_tiles, HALF_M, BLOCK_N, NUM_BUF, PAIR, ORDERED)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
 # Launch configuration, tuned on an H100 (`benchmarks/tune_hopper_fwd.py`, benchmarks/NOTES.md): ring slots,
-# kept blocks per step, consumer ping-pong, heaviest-row-first order, setmaxnreg budgets, the most pieces a
-# tile of the last, partial round of tiles is split into (1 = never split).
+# kept blocks per step, consumer ping-pong, heaviest-row-first order, setmaxnreg budgets.
 HOPPER_FWD_CONFIG: dict[str, int] = {"num_buf": 3, "pair": 1, "pingpong": 0, "lpt": 0,
-                                      "loader_regs": 24, "consumer_regs": 232, "max_split": 8}
-
-# Cost of one extra piece of a split tile (its fill and drain, its share of the merge), in tiles.
-_PIECE_COST = 0.05
-
-
-def split_plan(num_tiles: int, programs: int, max_split: int) -> tuple[int, int]:
-    """``(nfull, split)``: the first ``nfull`` tiles run whole, each of the rest is cut into ``split`` pieces.
-
-    With ``num_tiles = r * programs + rem`` and equal tiles, a whole last round costs every program one tile of
-    time while only ``rem`` programs work; cutting those ``rem`` tiles into ``s`` pieces spread over all programs
-    costs ``ceil(rem * s / programs) / s`` tiles plus `_PIECE_COST` per extra piece. The cheapest ``s`` wins.
-    """
-    rem = num_tiles % programs
-    best, best_cost = 1, 1.0
-    if rem:
-        for s in range(2, max_split + 1):
-            cost = -(-rem * s // programs) / s + _PIECE_COST * (s - 1)
-            if cost < best_cost - 1e-9:
-                best, best_cost = s, cost
-    return (num_tiles - rem, best) if best > 1 else (num_tiles, 1)
+                                      "loader_regs": 24, "consumer_regs": 232}
 
 
 def available(device: torch.device) -> bool:
@@ -389,27 +305,15 @@ def launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_count: tor
     lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     half = block_q // 2
     num_tiles = tq * b * h
-    sms = _sm_count(q.device)
-    nfull, split = split_plan(num_tiles, sms, cfg["max_split"])
-    num_items = nfull + (num_tiles - nfull) * split
-    grid = min(num_items, sms)  # one program per SM (shared memory allows no more)
-    parts = (num_tiles - nfull) * split
-    part_o = torch.empty((parts, block_q, d), dtype=torch.float32, device=q.device) if parts else lse
-    part_ml = torch.empty((2, parts, block_q), dtype=torch.float32, device=q.device) if parts else lse.new_empty(2, 1)
+    grid = min(num_tiles, _sm_count(q.device))  # one program per SM (shared memory allows no more)
     order = torch.argsort(row_count.reshape(-1), descending=True).to(torch.int32) if cfg["lpt"] else row_count
     _fwd_kernel[(grid,)](
         _descriptor(q, half), _descriptor(k, block_k), _descriptor(v, block_k), _descriptor(o, half),
-        lse, part_o, part_ml[0], part_ml[1], row_count, row_index, order, h, lq, lk, tq, tk,
-        num_items, nfull, split, scale * LOG2E,
+        lse, row_count, row_index, order, h, lq, lk, tq, tk, num_tiles, scale * LOG2E,
         BLOCK_N=block_k, BLOCK_D=d, NUM_BUF=cfg["num_buf"], PAIR=cfg["pair"], TAIL=lk % block_k != 0, PINGPONG=bool(cfg["pingpong"]),
         ORDERED=bool(cfg["lpt"]), LOADER_REGS=cfg["loader_regs"], CONSUMER_REGS=cfg["consumer_regs"], num_warps=4,
     )
-    if parts:
-        _combine_kernel[(num_tiles - nfull,)](
-            part_o, part_ml[0], part_ml[1], o, lse, order, nfull, split, tq, h, lq, *o.stride()[:3],
-            BLOCK_M=block_q, BLOCK_D=d, ORDERED=bool(cfg["lpt"]), num_warps=8,
-        )
     return o, lse
 
 
-__all__ = ["HAS_GLUON", "HOPPER_FWD_CONFIG", "available", "launch_fwd", "split_plan", "supported"]
+__all__ = ["HAS_GLUON", "HOPPER_FWD_CONFIG", "available", "launch_fwd", "supported"]
