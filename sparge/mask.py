@@ -195,10 +195,10 @@ def _select(
         pq, pk = block_mean_torch(q, block_q), block_mean_torch(k, block_k)
     tk = pk.shape[2]
     if fast:
-        from sparge.kernels.mask_lut import select_blocks
+        from sparge.kernels.mask_lut import pooled_logits, select_blocks
 
         n_k = tk if topk >= 1.0 else (max(1, math.ceil(topk * tk)) if topk > 0 else 0)
-        return select_blocks(torch.matmul(pq, pk.transpose(-1, -2)), scale, n_k, topp)
+        return select_blocks(pooled_logits(pq, pk), scale, n_k, topp)
     scores = torch.softmax(torch.matmul(pq, pk.transpose(-1, -2)) * scale, dim=-1)
     sorted_scores, order = _sort_scores(scores)
     count = _keep_counts(sorted_scores, topk, topp)
@@ -280,7 +280,9 @@ def _index_lists(mask: torch.Tensor, backend: str = "auto") -> tuple[torch.Tenso
         return mask_lists(mask)
     m8 = mask.to(torch.int8)
     index = torch.sort(m8, dim=-1, descending=True, stable=True).indices.to(torch.int32)
-    return m8.sum(-1, dtype=torch.int32), index.contiguous()
+    count = m8.sum(-1, dtype=torch.int32)
+    rank = torch.arange(index.shape[-1], device=index.device)
+    return count, index.masked_fill_(rank >= count.unsqueeze(-1), 0).contiguous()
 
 
 def _block_sizes(length: int, block: int, device: torch.device) -> torch.Tensor:

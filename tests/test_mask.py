@@ -187,7 +187,24 @@ def test_triton_selection_equals_torch_selection(k, p):
     slow = sparge.build_block_mask(q, k_, topk=k, topp=p, backend="torch")
     assert torch.equal(fast.to_dense(), slow.to_dense())
     assert torch.equal(fast.row_count, slow.row_count)
+    assert torch.equal(fast.row_index, slow.row_index)  # kept blocks ascending, then zeros
     assert torch.equal(fast.col_count, slow.col_count)
+
+
+@pytest.mark.parametrize("tq,tk,d", [(3, 5, 16), (70, 130, 48), (2, 17, 128)])
+def test_pooled_logits_kernel_matches_float64_product(tq, tk, d):
+    """The pooled-product kernel (tiles past Tq, Tk and D masked) equals pq @ pk^T to fp32 accuracy."""
+    from sparge.kernels import triton_available
+    from sparge.kernels.mask_lut import pooled_logits
+
+    pq, pk = _rand(2, 3, tq, d, seed=31), _rand(2, 3, tk, d, seed=32)
+    if not triton_available(pq):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    got = pooled_logits(pq.to(dev), pk.to(dev)).cpu()
+    want = pq.double() @ pk.double().transpose(-1, -2)
+    assert got.dtype == torch.float32 and got.shape == (2, 3, tq, tk)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_mask_backend_names_are_checked():

@@ -19,25 +19,50 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _largest_threshold(bits, prob, target, WEIGHTED: tl.constexpr):
-        """Largest bit pattern T with count(bits >= T) >= target (or sum of prob over bits >= T, if WEIGHTED).
+    def _scores_kernel(PQ, PK, Logits, Tq, Tk, D,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+        """Pooled logits ``mean(Q_i) . mean(K_j)`` of one (batch, head) tile: fp32 in, fp32 out."""
+        bh = tl.program_id(2).to(tl.int64)
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rd = tl.arange(0, BLOCK_D)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dmask = (d0 + rd < D)[None, :]
+            a = tl.load(PQ + (bh * Tq + rm)[:, None] * D + d0 + rd[None, :], mask=(rm < Tq)[:, None] & dmask, other=0.0)
+            b = tl.load(PK + (bh * Tk + rn)[:, None] * D + d0 + rd[None, :], mask=(rn < Tk)[:, None] & dmask, other=0.0)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        tl.store(Logits + (bh * Tq + rm)[:, None] * Tk + rn[None, :], acc, mask=(rm < Tq)[:, None] & (rn < Tk)[None, :])
 
-        Non-negative float32 values order like their int32 bit patterns, so a 31-step bisection over
-        the bits finds an element's exact value: the target-th largest, or where the mass reaches p.
+    @triton.jit
+    def _thresholds(bits, prob, n_k, topp, lo, hi, USE_K: tl.constexpr, USE_P: tl.constexpr):
+        """Largest bit patterns T_k with count(bits >= T_k) >= n_k and T_p with sum(prob[bits >= T_p]) >= topp.
+
+        Non-negative float32 values order like their int32 bit patterns, so bisection over the bits finds an
+        element's exact value: the n_k-th largest, or where the descending mass reaches p. Both searches start
+        from the row's [min, max] bits (both answers lie there) and run side by side, so a row takes
+        log2(max - min) rounds of two independent reductions instead of 2 x 31 dependent ones.
         """
-        lo = tl.zeros([], dtype=tl.int32)
-        hi = tl.full([], 0x7F800000, dtype=tl.int32)
-        for _ in range(31):
-            mid = lo + (hi - lo + 1) // 2
-            sel = bits >= mid
-            if WEIGHTED:
-                amount = tl.sum(tl.where(sel, prob, 0.0), 0)
-            else:
-                amount = tl.sum(sel.to(tl.float32), 0)
-            ok = amount >= target
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
-        return lo
+        lo_k = lo
+        hi_k = lo
+        lo_p = lo
+        hi_p = lo
+        if USE_K:
+            hi_k = hi
+        if USE_P:
+            hi_p = hi
+        while (hi_k > lo_k) | (hi_p > lo_p):
+            mid_k = lo_k + (hi_k - lo_k + 1) // 2
+            mid_p = lo_p + (hi_p - lo_p + 1) // 2
+            if USE_K:
+                ok_k = tl.sum((bits >= mid_k).to(tl.int32), 0) >= n_k
+                lo_k = tl.where(ok_k, mid_k, lo_k)
+                hi_k = tl.where(ok_k, hi_k, mid_k - 1)
+            if USE_P:
+                ok_p = tl.sum(tl.where(bits >= mid_p, prob, 0.0), 0) >= topp
+                lo_p = tl.where(ok_p, mid_p, lo_p)
+                hi_p = tl.where(ok_p, hi_p, mid_p - 1)
+        return lo_k, lo_p
 
     @triton.jit
     def _select_kernel(
@@ -56,11 +81,13 @@ if HAS_TRITON:
         # the hybrid mask is the top-`count` blocks (descending probability, ties to the lower index)
         count = tl.zeros([], dtype=tl.int32)
         thr = tl.full([], 0x7F800000, dtype=tl.int32)
+        n_k = tl.minimum(n_k, Tk)
+        v_k, v_p = _thresholds(bits, prob, n_k, topp, tl.min(tl.where(valid, bits, 0x7F800000), 0), tl.max(bits, 0),
+                               USE_K, USE_P)
         if USE_K:
-            count = tl.minimum(n_k, Tk)
-            thr = _largest_threshold(bits, prob, count.to(tl.float32), False)
+            count = n_k
+            thr = v_k
         if USE_P:
-            v_p = _largest_threshold(bits, prob, topp, True)
             above = bits > v_p
             n_above = tl.sum(above.to(tl.int32), 0)
             mass_above = tl.sum(tl.where(above, prob, 0.0), 0)
@@ -78,9 +105,11 @@ if HAS_TRITON:
         tie_rank = tl.cumsum(tie.to(tl.int32), 0) - 1
         kept = valid & (above | (tie & (tie_rank < count - tl.sum(above.to(tl.int32), 0))))
         pos = tl.cumsum(kept.to(tl.int32), 0) - 1
+        n_kept = tl.sum(kept.to(tl.int32), 0)
         tl.store(RowIndex + row * Tk + pos, offs.to(tl.int32), mask=kept)
+        tl.store(RowIndex + row * Tk + offs, tl.zeros([BLOCK_T], dtype=tl.int32), mask=valid & (offs >= n_kept))
         tl.store(Dense + row * Tk + offs, kept.to(tl.int8), mask=valid)
-        tl.store(RowCount + row, tl.sum(kept.to(tl.int32), 0))
+        tl.store(RowCount + row, n_kept)
 
     @triton.jit
     def _lists_kernel(
@@ -99,6 +128,29 @@ if HAS_TRITON:
         tl.store(Count + b * R + r, tl.sum(m, 0))
 
 
+# Pooled-product launch: tile sizes over (query blocks, key blocks, head dim) and the tensor-core precision
+# ("tf32x3" splits each fp32 operand in two tf32 parts: fp32-level accuracy at tensor-core speed).
+SCORES_CONFIG: dict = {"block_m": 64, "block_n": 64, "block_d": 32, "precision": "tf32x3", "num_warps": 4}
+
+
+def pooled_logits(pq: torch.Tensor, pk: torch.Tensor, **config) -> torch.Tensor:
+    """``pq @ pk^T`` for pooled blocks: ``[B, H, Tq, D]`` and ``[B, H, Tk, D]`` float32 in, ``[B, H, Tq, Tk]`` float32 out.
+
+    ``config`` overrides `SCORES_CONFIG` entries (for tuning).
+    """
+    cfg = {**SCORES_CONFIG, **{name: v for name, v in config.items() if v is not None}}
+    b, h, tq, d = pq.shape
+    tk = pk.shape[2]
+    pq, pk = pq.contiguous(), pk.contiguous()
+    logits = torch.empty((b, h, tq, tk), dtype=torch.float32, device=pq.device)
+    bm, bn = cfg["block_m"], cfg["block_n"]
+    _scores_kernel[(-(-tq // bm), -(-tk // bn), b * h)](
+        pq, pk, logits, tq, tk, d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg["block_d"], PRECISION=cfg["precision"],
+        num_warps=cfg["num_warps"],
+    )
+    return logits
+
+
 def select_warps(block_t: int) -> int:
     """Warps per selection program: few, so the 62 bisection reductions stay (mostly) inside a warp."""
     return max(1, min(8, block_t // 512))
@@ -115,17 +167,18 @@ def select_blocks(
         num_warps: warps per row program (default `select_warps`).
 
     Returns:
-        ``(row_count [B,H,Tq] int32, row_index [B,H,Tq,Tk] int32 ascending, dense [B,H,Tq,Tk] bool)``.
+        ``(row_count [B,H,Tq] int32, row_index [B,H,Tq,Tk] int32 ascending then zeros, dense [B,H,Tq,Tk] bool)``.
     """
     b, h, tq, tk = logits.shape
     logits = logits.contiguous()
     row_count = torch.empty((b, h, tq), dtype=torch.int32, device=logits.device)
-    row_index = torch.zeros((b, h, tq, tk), dtype=torch.int32, device=logits.device)
+    row_index = torch.empty((b, h, tq, tk), dtype=torch.int32, device=logits.device)
     dense = torch.empty((b, h, tq, tk), dtype=torch.int8, device=logits.device)
     block_t = max(16, triton.next_power_of_2(tk))
+    dense_rows = topp >= 1.0 or n_k >= tk
     _select_kernel[(b * h * tq,)](
         logits, row_count, row_index, dense, tk, float(scale), int(n_k), float(topp),
-        BLOCK_T=block_t, USE_K=n_k > 0, USE_P=topp > 0, ALL=topp >= 1.0 or n_k >= tk,
+        BLOCK_T=block_t, USE_K=n_k > 0 and not dense_rows, USE_P=topp > 0 and not dense_rows, ALL=dense_rows,
         num_warps=num_warps or select_warps(block_t),
     )
     return row_count, row_index, dense.view(torch.bool)
