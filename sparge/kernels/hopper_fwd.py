@@ -71,7 +71,7 @@ if HAS_GLUON:
     def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars,
                 RowCount, RowIndex, Order, H, TQ, TK, num_tiles,
                 HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_BUF: gl.constexpr, PAIR: gl.constexpr,
-                ORDERED: gl.constexpr):
+                ORDERED: gl.constexpr, Q_BUF: gl.constexpr):
         it = 0
         n = 0
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
@@ -82,10 +82,12 @@ if HAS_GLUON:
             count = gl.load(RowCount + lut_row)
             idx_ptr = RowIndex + lut_row * TK
             for i in gl.static_range(2):
+                # Q_BUF tiles' Q in flight, so the next tile's Q and first K/V blocks load under this tile's end;
                 # a fresh barrier counts as having completed the phase before 0, so the first lap passes
-                mbarrier.wait(q_free.index(i), (n & 1) ^ 1)
-                mbarrier.expect(q_bars.index(i), q_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(q_desc, [b, h, (2 * pid_m + i) * HALF_M, 0], q_bars.index(i), q_smem.index(i))
+                qs = (n % Q_BUF) * 2 + i
+                mbarrier.wait(q_free.index(qs), ((n // Q_BUF) & 1) ^ 1)
+                mbarrier.expect(q_bars.index(qs), q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [b, h, (2 * pid_m + i) * HALF_M, 0], q_bars.index(qs), q_smem.index(qs))
             steps = (count + PAIR - 1) // PAIR
             # the block indices of step t + 1 are read during step t, so no global-load latency sits between
             # a free slot and its copies; an odd row list repeats its last block (the consumers mask it)
@@ -134,7 +136,7 @@ if HAS_GLUON:
                   RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK, num_tiles, qk_scale,
                   WG: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
                   NUM_BUF: gl.constexpr, PAIR: gl.constexpr, TAIL: gl.constexpr, PINGPONG: gl.constexpr,
-                  ORDERED: gl.constexpr):
+                  ORDERED: gl.constexpr, Q_BUF: gl.constexpr):
         dtype: gl.constexpr = q_smem.dtype
         KN: gl.constexpr = PAIR * BLOCK_N  # keys per step
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, KN, 16])
@@ -142,7 +144,6 @@ if HAS_GLUON:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        q = q_smem.index(WG).reshape([HALF_M, BLOCK_D])
         s_zero = gl.zeros([HALF_M, KN], gl.float32, layout=s_layout)
 
         it = 0
@@ -157,7 +158,9 @@ if HAS_GLUON:
             m_i = gl.full([HALF_M], float("-inf"), gl.float32, layout=row_s)
             l_i = gl.zeros([HALF_M], gl.float32, layout=row_s)
             acc = gl.zeros([HALF_M, BLOCK_D], gl.float32, layout=o_layout)
-            mbarrier.wait(q_bars.index(WG), n & 1)
+            qs = (n % Q_BUF) * 2 + WG
+            q = q_smem.index(qs).reshape([HALF_M, BLOCK_D])
+            mbarrier.wait(q_bars.index(qs), (n // Q_BUF) & 1)
             if steps > 0:
                 if PINGPONG:
                     mbarrier.wait(turn_bars.index(WG), it & 1)
@@ -196,11 +199,11 @@ if HAS_GLUON:
                 mbarrier.wait(v_bars.index(last), (j // NUM_BUF) & 1)
                 acc_tok = warpgroup_mma(p, v_smem.index(last).reshape([KN, BLOCK_D]), acc, is_async=True)
                 # the last score product is done: Q's slot goes back to the loader under the last PV
-                mbarrier.arrive(q_free.index(WG))
+                mbarrier.arrive(q_free.index(qs))
                 acc = warpgroup_mma_wait(0, deps=(acc_tok,))
                 mbarrier.arrive(free_bars.index(last))
             else:
-                mbarrier.arrive(q_free.index(WG))
+                mbarrier.arrive(q_free.index(qs))
 
             l_o = gl.convert_layout(l_i, row_o)
             nonempty = l_o > 0.0
@@ -222,25 +225,26 @@ if HAS_GLUON:
     @gluon.jit
     def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK, num_tiles, qk_scale,
                     BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, NUM_BUF: gl.constexpr, PAIR: gl.constexpr,
-                    TAIL: gl.constexpr, PINGPONG: gl.constexpr, ORDERED: gl.constexpr,
+                    TAIL: gl.constexpr, PINGPONG: gl.constexpr, ORDERED: gl.constexpr, Q_BUF: gl.constexpr,
                     LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         # persistent: each program walks tiles pid, pid + grid, ... (in Order when ORDERED)
         HALF_M: gl.constexpr = q_desc.block_type.shape[2]
         dtype: gl.constexpr = q_desc.dtype
-        q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [2 * Q_BUF] + q_desc.block_type.shape, q_desc.layout)
         o_smem = gl.allocate_shared_memory(dtype, [2] + o_desc.block_type.shape, o_desc.layout)
         # K/V rings: NUM_BUF slots of PAIR TMA tiles each; the consumers view a slot as one [PAIR * BLOCK_N, D] tile
         k_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, 1, 1, PAIR * BLOCK_N, BLOCK_D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, 1, 1, PAIR * BLOCK_N, BLOCK_D], v_desc.layout)
-        q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        q_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_bars = gl.allocate_shared_memory(gl.int64, [2 * Q_BUF, 1], mbarrier.MBarrierLayout())
+        q_free = gl.allocate_shared_memory(gl.int64, [2 * Q_BUF, 1], mbarrier.MBarrierLayout())
         turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_bars = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
         v_bars = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
         free_bars = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
+        for i in gl.static_range(2 * Q_BUF):
             mbarrier.init(q_bars.index(i), count=1)
             mbarrier.init(q_free.index(i), count=1)
+        for i in gl.static_range(2):
             mbarrier.init(turn_bars.index(i), count=1)
         for i in gl.static_range(NUM_BUF):
             mbarrier.init(k_bars.index(i), count=1)
@@ -251,18 +255,18 @@ if HAS_GLUON:
         gl.warp_specialize([
             (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars, turn_bars,
                          RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK, num_tiles, qk_scale,
-                         0, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF, PAIR, TAIL, PINGPONG, ORDERED)),
+                         0, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF, PAIR, TAIL, PINGPONG, ORDERED, Q_BUF)),
             (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars, turn_bars,
                          RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK, num_tiles, qk_scale,
-                         1, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF, PAIR, TAIL, PINGPONG, ORDERED)),
+                         1, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF, PAIR, TAIL, PINGPONG, ORDERED, Q_BUF)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars,
-                       RowCount, RowIndex, Order, H, TQ, TK, num_tiles, HALF_M, BLOCK_N, NUM_BUF, PAIR, ORDERED)),
+                       RowCount, RowIndex, Order, H, TQ, TK, num_tiles, HALF_M, BLOCK_N, NUM_BUF, PAIR, ORDERED, Q_BUF)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
 # Launch configuration, tuned on an H100 (`benchmarks/tune_hopper_fwd.py`, benchmarks/NOTES.md): ring slots,
-# kept blocks per step, consumer ping-pong, heaviest-row-first order, setmaxnreg budgets.
-HOPPER_FWD_CONFIG: dict[str, int] = {"num_buf": 3, "pair": 1, "pingpong": 0, "lpt": 0,
+# kept blocks per step, consumer ping-pong, heaviest-row-first order, tiles' Q in flight, setmaxnreg budgets.
+HOPPER_FWD_CONFIG: dict[str, int] = {"num_buf": 3, "pair": 1, "pingpong": 0, "lpt": 0, "q_buf": 1,
                                       "loader_regs": 24, "consumer_regs": 232}
 
 
@@ -311,7 +315,7 @@ def launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_count: tor
         _descriptor(q, half), _descriptor(k, block_k), _descriptor(v, block_k), _descriptor(o, half),
         lse, row_count, row_index, order, h, lq, lk, tq, tk, num_tiles, scale * LOG2E,
         BLOCK_N=block_k, BLOCK_D=d, NUM_BUF=cfg["num_buf"], PAIR=cfg["pair"], TAIL=lk % block_k != 0, PINGPONG=bool(cfg["pingpong"]),
-        ORDERED=bool(cfg["lpt"]), LOADER_REGS=cfg["loader_regs"], CONSUMER_REGS=cfg["consumer_regs"], num_warps=4,
+        ORDERED=bool(cfg["lpt"]), Q_BUF=cfg["q_buf"], LOADER_REGS=cfg["loader_regs"], CONSUMER_REGS=cfg["consumer_regs"], num_warps=4,
     )
     return o, lse
 
