@@ -40,13 +40,3 @@ def _capability_of(index: int) -> tuple[int, int]:
 def capability(device: torch.device) -> tuple[int, int]:
     """Compute capability of a CUDA device, cached (the driver query costs host time on every call)."""
     return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
-# Programmatic dependent launch (Hopper and later): the mask kernels and the Hopper forward are launched so that
-# each may start while its predecessor drains, and wait (griddepcontrol.wait) before touching any memory.
-USE_PDL = True
-
-
-def pdl_available(t: torch.Tensor) -> bool:
-    """Whether kernels on ``t``'s device may use programmatic dependent launch (a real sm_90+ GPU)."""
-    return USE_PDL and HAS_TRITON and t.is_cuda and not interpreter_on() and capability(t.device)[0] >= 9

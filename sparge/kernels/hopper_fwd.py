@@ -29,7 +29,7 @@ import functools
 
 import torch
 
-from sparge.kernels import HAS_TRITON, capability, pdl_available
+from sparge.kernels import HAS_TRITON, capability
 from sparge.kernels.block_sparse_attn import LOG2E, _tma_ok
 
 HAS_GLUON = False
@@ -53,12 +53,6 @@ if HAS_TRITON:
 if HAS_GLUON:
 
     @gluon.jit
-    def _wait_for_inputs(PDL: gl.constexpr):
-        """Under programmatic dependent launch: block until the kernel that wrote the row lists has finished."""
-        if PDL:
-            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
     def _tile_coords(tile, TQ, Order, ORDERED: gl.constexpr):
         """(query block, batch*head) of the i-th tile this program takes; ``Order`` lists tiles heaviest first."""
         if ORDERED:
@@ -77,8 +71,7 @@ if HAS_GLUON:
     def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars,
                 RowCount, RowIndex, Order, H, TQ, TK, num_tiles,
                 HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_BUF: gl.constexpr, PAIR: gl.constexpr,
-                ORDERED: gl.constexpr, Q_BUF: gl.constexpr, PDL: gl.constexpr):
-        _wait_for_inputs(PDL)
+                ORDERED: gl.constexpr, Q_BUF: gl.constexpr):
         it = 0
         n = 0
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
@@ -143,7 +136,7 @@ if HAS_GLUON:
                   RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK, num_tiles, qk_scale,
                   WG: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
                   NUM_BUF: gl.constexpr, PAIR: gl.constexpr, TAIL: gl.constexpr, PINGPONG: gl.constexpr,
-                  ORDERED: gl.constexpr, Q_BUF: gl.constexpr, PDL: gl.constexpr):
+                  ORDERED: gl.constexpr, Q_BUF: gl.constexpr):
         dtype: gl.constexpr = q_smem.dtype
         KN: gl.constexpr = PAIR * BLOCK_N  # keys per step
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, KN, 16])
@@ -152,7 +145,6 @@ if HAS_GLUON:
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         s_zero = gl.zeros([HALF_M, KN], gl.float32, layout=s_layout)
-        _wait_for_inputs(PDL)
 
         it = 0
         n = 0
@@ -234,7 +226,7 @@ if HAS_GLUON:
     def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK, num_tiles, qk_scale,
                     BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, NUM_BUF: gl.constexpr, PAIR: gl.constexpr,
                     TAIL: gl.constexpr, PINGPONG: gl.constexpr, ORDERED: gl.constexpr, Q_BUF: gl.constexpr,
-                    PDL: gl.constexpr, LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                    LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         # persistent: each program walks tiles pid, pid + grid, ... (in Order when ORDERED)
         HALF_M: gl.constexpr = q_desc.block_type.shape[2]
         dtype: gl.constexpr = q_desc.dtype
@@ -263,12 +255,12 @@ if HAS_GLUON:
         gl.warp_specialize([
             (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars, turn_bars,
                          RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK, num_tiles, qk_scale,
-                         0, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF, PAIR, TAIL, PINGPONG, ORDERED, Q_BUF, PDL)),
+                         0, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF, PAIR, TAIL, PINGPONG, ORDERED, Q_BUF)),
             (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars, turn_bars,
                          RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK, num_tiles, qk_scale,
-                         1, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF, PAIR, TAIL, PINGPONG, ORDERED, Q_BUF, PDL)),
+                         1, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF, PAIR, TAIL, PINGPONG, ORDERED, Q_BUF)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars,
-                       RowCount, RowIndex, Order, H, TQ, TK, num_tiles, HALF_M, BLOCK_N, NUM_BUF, PAIR, ORDERED, Q_BUF, PDL)),
+                       RowCount, RowIndex, Order, H, TQ, TK, num_tiles, HALF_M, BLOCK_N, NUM_BUF, PAIR, ORDERED, Q_BUF)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -319,12 +311,11 @@ def launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_count: tor
     num_tiles = tq * b * h
     grid = min(num_tiles, _sm_count(q.device))  # one program per SM (shared memory allows no more)
     order = torch.argsort(row_count.reshape(-1), descending=True).to(torch.int32) if cfg["lpt"] else row_count
-    pdl = pdl_available(q) and not cfg["lpt"]  # the argsort's kernels are not PDL-aware
     _fwd_kernel[(grid,)](
         _descriptor(q, half), _descriptor(k, block_k), _descriptor(v, block_k), _descriptor(o, half),
         lse, row_count, row_index, order, h, lq, lk, tq, tk, num_tiles, scale * LOG2E,
         BLOCK_N=block_k, BLOCK_D=d, NUM_BUF=cfg["num_buf"], PAIR=cfg["pair"], TAIL=lk % block_k != 0, PINGPONG=bool(cfg["pingpong"]),
-        ORDERED=bool(cfg["lpt"]), Q_BUF=cfg["q_buf"], PDL=pdl, launch_pdl=pdl, LOADER_REGS=cfg["loader_regs"], CONSUMER_REGS=cfg["consumer_regs"], num_warps=4,
+        ORDERED=bool(cfg["lpt"]), Q_BUF=cfg["q_buf"], LOADER_REGS=cfg["loader_regs"], CONSUMER_REGS=cfg["consumer_regs"], num_warps=4,
     )
     return o, lse
 

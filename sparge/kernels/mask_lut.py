@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import torch
 
-from sparge.kernels import HAS_TRITON, pdl_available
+from sparge.kernels import HAS_TRITON
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     @triton.jit
     def _scores_kernel(PQ, PK, Logits, Tq, Tk, D,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-                       PDL: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
         """Pooled logits ``mean(Q_i) . mean(K_j)`` of one (batch, head) tile: fp32 in, fp32 out."""
-        if PDL:
-            gdc_wait()
         bh = tl.program_id(2).to(tl.int64)
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -37,8 +33,6 @@ if HAS_TRITON:
             b = tl.load(PK + (bh * Tk + rn)[:, None] * D + d0 + rd[None, :], mask=(rn < Tk)[:, None] & dmask, other=0.0)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
         tl.store(Logits + (bh * Tq + rm)[:, None] * Tk + rn[None, :], acc, mask=(rm < Tq)[:, None] & (rn < Tk)[None, :])
-        if PDL:
-            gdc_launch_dependents()
 
     @triton.jit
     def _thresholds(bits, prob, n_k, topp, lo, hi, USE_K: tl.constexpr, USE_P: tl.constexpr):
@@ -74,10 +68,8 @@ if HAS_TRITON:
     def _select_kernel(
         Logits, RowCount, RowIndex, Dense,
         Tk, scale, n_k, topp,
-        BLOCK_T: tl.constexpr, USE_K: tl.constexpr, USE_P: tl.constexpr, ALL: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_T: tl.constexpr, USE_K: tl.constexpr, USE_P: tl.constexpr, ALL: tl.constexpr,
     ):
-        if PDL:
-            gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_T)
         valid = offs < Tk
@@ -118,8 +110,6 @@ if HAS_TRITON:
         tl.store(RowIndex + row * Tk + offs, tl.zeros([BLOCK_T], dtype=tl.int32), mask=valid & (offs >= n_kept))
         tl.store(Dense + row * Tk + offs, kept.to(tl.int8), mask=valid)
         tl.store(RowCount + row, n_kept)
-        if PDL:
-            gdc_launch_dependents()
 
     @triton.jit
     def _lists_kernel(
@@ -156,7 +146,7 @@ def pooled_logits(pq: torch.Tensor, pk: torch.Tensor, **config) -> torch.Tensor:
     bm, bn = cfg["block_m"], cfg["block_n"]
     _scores_kernel[(-(-tq // bm), -(-tk // bn), b * h)](
         pq, pk, logits, tq, tk, d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg["block_d"], PRECISION=cfg["precision"],
-        PDL=pdl_available(pq), num_warps=cfg["num_warps"], launch_pdl=pdl_available(pq),
+        num_warps=cfg["num_warps"],
     )
     return logits
 
@@ -189,7 +179,7 @@ def select_blocks(
     _select_kernel[(b * h * tq,)](
         logits, row_count, row_index, dense, tk, float(scale), int(n_k), float(topp),
         BLOCK_T=block_t, USE_K=n_k > 0 and not dense_rows, USE_P=topp > 0 and not dense_rows, ALL=dense_rows,
-        PDL=pdl_available(logits), num_warps=num_warps or select_warps(block_t), launch_pdl=pdl_available(logits),
+        num_warps=num_warps or select_warps(block_t),
     )
     return row_count, row_index, dense.view(torch.bool)
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from sparge.kernels import HAS_TRITON, pdl_available, triton_available
+from sparge.kernels import HAS_TRITON, triton_available
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     @triton.jit
     def _pool_run(X, Out, sxb, sxh, sxl, sxd, sob, soh, sot, off_b, off_h, t0, d0, T, L, D,
@@ -34,12 +33,10 @@ if HAS_TRITON:
         soqb, soqh, soqt, sokb, sokh, sokt,
         H, Lq, Lk, D, Tq, Tk, NQ,
         BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GQ: tl.constexpr, GK: tl.constexpr,
-        NS: tl.constexpr, PDL: tl.constexpr,
+        NS: tl.constexpr,
     ):
         """One launch pools both Q (programs ``p < NQ``, GQ blocks each) and K (the rest, GK blocks each);
         the third grid axis splits the head dim into chunks of BLOCK_D."""
-        if PDL:
-            gdc_wait()
         pid = tl.program_id(0)
         pid_bh = tl.program_id(1)
         d0 = tl.program_id(2) * BLOCK_D
@@ -49,8 +46,6 @@ if HAS_TRITON:
             _pool_run(Q, OutQ, sqb, sqh, sql, sqd, soqb, soqh, soqt, off_b, off_h, pid * GQ, d0, Tq, Lq, D, BLOCK_Q, BLOCK_D, GQ, NS)
         else:
             _pool_run(K, OutK, skb, skh, skl, skd, sokb, sokh, sokt, off_b, off_h, (pid - NQ) * GK, d0, Tk, Lk, D, BLOCK_K, BLOCK_D, GK, NS)
-        if PDL:
-            gdc_launch_dependents()
 
 
 def block_mean_torch(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -99,7 +94,7 @@ def block_mean_pair(
     _block_mean_pair_kernel[(nq + nk, b * h, -(-d // block_d))](
         q, k, oq, ok, *q.stride(), *k.stride(), *oq.stride()[:3], *ok.stride()[:3],
         h, lq, lk, d, tq, tk, nq,
-        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, GQ=gq, GK=gk, NS=cfg["num_stages"], PDL=pdl_available(q),
-        num_warps=min(cfg["num_warps"], max(1, max(block_q, block_k) * block_d // 1024)), launch_pdl=pdl_available(q),
+        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, GQ=gq, GK=gk, NS=cfg["num_stages"],
+        num_warps=min(cfg["num_warps"], max(1, max(block_q, block_k) * block_d // 1024)),
     )
     return oq, ok
