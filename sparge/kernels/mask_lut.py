@@ -1,11 +1,14 @@
-"""Fused mask building: block selection (softmax + Top-k/Top-p + row lists) and list building, in Triton.
+"""Fused mask building in Triton: pooled product, block selection (softmax + Top-k/Top-p + row lists) and
+list building.
 
-`select_blocks` turns pooled logits ``[B, H, Tq, Tk]`` into the hybrid mask in one launch: each program
+`pooled_logits` computes ``mean(Q_i) . mean(K_j)`` for all block pairs (tf32x3 on the tensor cores).
+`select_blocks` turns those logits ``[B, H, Tq, Tk]`` into the hybrid mask in one launch: each program
 owns one query block, takes the softmax of its row and, without sorting, finds by radix-select
 (bisection over the float bits) the Top-k threshold and the value where the descending cumulative
 mass reaches p; the hybrid mask keeps the top ``max(n_k, n_p)`` blocks, ties to the lower index. It
-writes the row list (ascending block index), the kept count and the dense mask row. `mask_lists` builds ascending index lists from any dense mask (rows, or columns through a
-transposed view). No host synchronisation anywhere.
+writes the row list (ascending block index, then zeros), the kept count and the dense mask row.
+`mask_lists` builds ascending index lists from any dense mask (rows, or columns through a transposed
+view). No host synchronisation anywhere.
 """
 
 from __future__ import annotations
@@ -152,7 +155,7 @@ def pooled_logits(pq: torch.Tensor, pk: torch.Tensor, **config) -> torch.Tensor:
 
 
 def select_warps(block_t: int) -> int:
-    """Warps per selection program: few, so the 62 bisection reductions stay (mostly) inside a warp."""
+    """Warps per selection program: few, so the bisection's row reductions stay (mostly) inside a warp."""
     return max(1, min(8, block_t // 512))
 
 
