@@ -71,7 +71,9 @@ if HAS_GLUON:
     def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars,
                 RowCount, RowIndex, Order, H, TQ, TK, num_tiles,
                 HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_BUF: gl.constexpr, PAIR: gl.constexpr,
-                ORDERED: gl.constexpr, Q_BUF: gl.constexpr):
+                ORDERED: gl.constexpr, Q_BUF: gl.constexpr, do_desc=None, do_smem=None):
+        # with do_desc (the dQ kernel of hopper_bwd.py) each tile's dO rows load next to its Q rows
+        WITH_DO: gl.constexpr = do_desc is not None
         it = 0
         n = 0
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
@@ -86,7 +88,11 @@ if HAS_GLUON:
                 # a fresh barrier counts as having completed the phase before 0, so the first lap passes
                 qs = (n % Q_BUF) * 2 + i
                 mbarrier.wait(q_free.index(qs), ((n // Q_BUF) & 1) ^ 1)
-                mbarrier.expect(q_bars.index(qs), q_desc.block_type.nbytes)
+                if WITH_DO:
+                    mbarrier.expect(q_bars.index(qs), 2 * q_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(do_desc, [b, h, (2 * pid_m + i) * HALF_M, 0], q_bars.index(qs), do_smem.index(qs))
+                else:
+                    mbarrier.expect(q_bars.index(qs), q_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(q_desc, [b, h, (2 * pid_m + i) * HALF_M, 0], q_bars.index(qs), q_smem.index(qs))
             steps = (count + PAIR - 1) // PAIR
             # the block indices of step t + 1 are read during step t, so no global-load latency sits between
@@ -130,6 +136,15 @@ if HAS_GLUON:
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, 1)
         return p, m_new, l_i, alpha
+
+    @gluon.jit
+    def _store_rows(desc, staging, val, b, h, row0):
+        """Store a consumer's [rows, D] result tile at rows row0.. of head (b, h) by TMA through its staging
+        buffer, once the previous tile's store has left that buffer (the store itself runs on)."""
+        tma.store_wait(0)
+        staging.reshape(val.shape).store(val)
+        fence_async_shared()
+        tma.async_copy_shared_to_global(desc, [b, h, row0, 0], staging)
 
     @gluon.jit
     def _consumer(o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars, turn_bars,
@@ -214,10 +229,7 @@ if HAS_GLUON:
             row0 = (2 * pid_m + WG) * HALF_M
             offs_m = row0 + gl.arange(0, HALF_M, layout=row_o)
             gl.store(LSE + pid_bh.to(gl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
-            tma.store_wait(0)  # the previous tile's O has left the staging buffer
-            o_smem.index(WG).reshape([HALF_M, BLOCK_D]).store(out.to(dtype))
-            fence_async_shared()
-            tma.async_copy_shared_to_global(o_desc, [pid_bh // H, pid_bh % H, row0, 0], o_smem.index(WG))
+            _store_rows(o_desc, o_smem.index(WG), out.to(dtype), pid_bh // H, pid_bh % H, row0)
             it += steps
             n += 1
         tma.store_wait(0)
