@@ -66,7 +66,7 @@ def main() -> None:
         cc, ci = bm.columns()
         scale = d ** -0.5
         o, lse = K._launch_fwd(q, k, v, bm.row_count, bm.row_index, scale, 128, 64)
-        _, stats = K.bwd_row_stats(o, do, lse, scale, 128, stats=True)
+        _, stats = G.launch_dq(do, q, k, v, o, lse, bm.row_count, bm.row_index, scale, 128, 64)
         args_bwd = (do, q, k, v, o, lse, bm.row_count, bm.row_index, cc, ci, scale, 128, 64)
         ref = K._launch_bwd(*args_bwd, impl="triton")
         row = {"shape": [b, h, l, d], "sparsity_target": sp, "measured_sparsity": bm.sparsity(),
@@ -82,8 +82,8 @@ def main() -> None:
                                  "rel_diff_dk_vs_tl": _rel(dk, ref[1]), "rel_diff_dv_vs_tl": _rel(dv, ref[2])})
         row["gluon_dq"] = []
         for nb in (int(x) for x in args.dq_bufs.split(",")):
-            dq = G.launch_dq(do, q, k, v, stats, bm.row_count, bm.row_index, scale, 128, 64, config={"num_buf": nb})
-            ms = _ms(lambda: G.launch_dq(do, q, k, v, stats, bm.row_count, bm.row_index, scale, 128, 64, config={"num_buf": nb}))
+            dq, _ = G.launch_dq(do, q, k, v, o, lse, bm.row_count, bm.row_index, scale, 128, 64, config={"num_buf": nb})
+            ms = _ms(lambda: G.launch_dq(do, q, k, v, o, lse, bm.row_count, bm.row_index, scale, 128, 64, config={"num_buf": nb}))
             flop = 3 * 2 * 128 * 64 * d * float(bm.row_count.sum())
             row["gluon_dq"].append({"num_buf": nb, "dq_ms": ms, "tflops": flop / ms / 1e9, "rel_diff_dq_vs_tl": _rel(dq, ref[0])})
         rows.append(row)

@@ -336,7 +336,8 @@ def test_gpu_hopper_forward_matches_reference(config, b, h, lq, lk, d, dtype, de
 )
 def test_gpu_hopper_backward_matches_reference(dkdv_cfg, dq_cfg, b, h, lq, lk, d, dtype, density):
     """The Gluon dQ and dK/dV equal the float64 reference gradients to within low-precision rounding (the `tl`
-    kernels' own error included); an empty row gets a zero dQ, an empty column zero dK and dV."""
+    kernels' own error included); an empty row gets a zero dQ, an empty column zero dK and dV; the row
+    statistics the dQ kernel writes for the dK/dV kernel are -lse / scale and -rowsum(O * dO), padded."""
     from sparge.kernels import block_sparse_attn as K
     from sparge.kernels import hopper_bwd
 
@@ -353,12 +354,17 @@ def test_gpu_hopper_backward_matches_reference(dkdv_cfg, dq_cfg, b, h, lq, lk, d
     col_count, col_index = bm.columns()
     scale = d ** -0.5
     o, lse = K._launch_fwd(q, k, v, bm.row_count, bm.row_index, scale, 128, 64)
-    assert hopper_bwd.supported(do, q, k, v, 128, 64)
-    _, stats = K.bwd_row_stats(o, do, lse, scale, 128, stats=True)
+    assert hopper_bwd.supported(do, q, k, v, o, 128, 64)
+    dq, stats = hopper_bwd.launch_dq(do, q, k, v, o, lse, bm.row_count, bm.row_index, scale, 128, 64, config=dq_cfg)
     dk, dv = hopper_bwd.launch_dkdv(do, q, k, v, stats, col_count, col_index, scale, 128, 64, config=dkdv_cfg)
-    dq = hopper_bwd.launch_dq(do, q, k, v, stats, bm.row_count, bm.row_index, scale, 128, 64, config=dq_cfg)
     dq_tl, dk_tl, dv_tl = K._launch_bwd(do, q, k, v, o, lse, bm.row_count, bm.row_index, col_count, col_index,
                                     scale, 128, 64, impl="triton")
+    tq = _nblocks(lq, 128)
+    st = stats.view(b, h, 2, tq * 128)[..., :lq]
+    fin = torch.isfinite(lse)
+    assert torch.allclose(st[:, :, 0][fin], -lse[fin] / scale) and (st[:, :, 0][~fin] == float("inf")).all()
+    assert torch.allclose(st[:, :, 1], -(o.float() * do.float()).sum(-1), atol=1e-3, rtol=1e-3)
+    assert (stats.view(b, h, 2, tq * 128)[:, :, 0, lq:] == float("-inf")).all()
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     reference.block_sparse_attention(q64, k64, v64, mask).backward(do.double())
     for got, tl_got, ref in ((dq, dq_tl, q64.grad), (dk, dk_tl, k64.grad), (dv, dv_tl, v64.grad)):

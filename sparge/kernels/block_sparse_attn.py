@@ -139,31 +139,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _bwd_preprocess(
-        O, DO, Delta, LSE, Stats,
+        O, DO, Delta,
         stride_ob, stride_oh, stride_om, stride_od,
         stride_dob, stride_doh, stride_dom, stride_dod,
-        H, Lq, D, Lpad, inv_scale,
-        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STATS: tl.constexpr,
+        H, Lq, D,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        # delta = rowsum(O * dO) [B, H, Lq]; with STATS also the Gluon dK/dV kernel's padded rows
-        # Stats[bh, 0] = -lse / scale (-inf past Lq) and Stats[bh, 1] = -delta (0 past Lq), [B*H, 2, Lpad]
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         off_b = (pid_bh // H).to(tl.int64)
         off_h = (pid_bh % H).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        mask_m = offs_m < Lq
-        msk = mask_m[:, None] & (offs_d[None, :] < D)
+        msk = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
         o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=msk, other=0.0)
         do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=msk, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-        tl.store(Delta + pid_bh.to(tl.int64) * Lq + offs_m, delta, mask=mask_m)
-        if STATS:
-            lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + offs_m, mask=mask_m, other=float("inf"))
-            st = Stats + pid_bh.to(tl.int64) * 2 * Lpad + offs_m
-            tl.store(st, -lse * inv_scale)
-            tl.store(st + Lpad, -delta)
+        tl.store(Delta + pid_bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
 
     @triton.jit
     def _bwd_dq_kernel(
@@ -376,22 +368,6 @@ def _launch_fwd(q, k, v, row_count, row_index, scale, block_q, block_k, impl: st
     return o, lse
 
 
-def bwd_row_stats(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, scale: float, block_q: int,
-                  stats: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``delta = rowsum(o * do)`` ``[B, H, Lq]`` float32 for the backward kernels, and with ``stats`` the
-    ``[B*H, 2, TQ*block_q]`` float32 rows (-lse / scale, -delta; padded with -inf and 0) that the Gluon dK/dV
-    kernel reads by TMA."""
-    b, h, lq, d = o.shape
-    tq = -(-lq // block_q)
-    delta = torch.empty((b, h, lq), dtype=torch.float32, device=o.device)
-    st = torch.empty((b * h, 2, tq * block_q), dtype=torch.float32, device=o.device) if stats else delta
-    _bwd_preprocess[(tq, b * h)](
-        o, do, delta, lse, st, *o.stride(), *do.stride(), h, lq, d, tq * block_q, 1.0 / scale,
-        BLOCK_M=block_q, BLOCK_D=_block_d(d), STATS=stats,
-    )
-    return delta, (st if stats else None)
-
-
 # Which backward kernels run on the GPU: "auto" takes the Gluon dQ and dK/dV kernels (`hopper_bwd.py`) where they
 # support the call, "triton" always this file's `tl` kernels.
 BWD_IMPL = "auto"
@@ -406,12 +382,14 @@ def _launch_bwd(do, q, k, v, o, lse, row_count, row_index, col_count, col_index,
     tq, tk = row_index.shape[2], row_index.shape[3]
     block_d = _block_d(d)
     ieee = q.dtype == torch.float32
-    gluon = (impl or BWD_IMPL) == "auto" and hopper_bwd.supported(do, q, k, v, block_q, block_k)
-    delta, stats = bwd_row_stats(o, do, lse, scale, block_q, stats=gluon)
-    if gluon:
-        dq = hopper_bwd.launch_dq(do, q, k, v, stats, row_count, row_index, scale, block_q, block_k)
+    if (impl or BWD_IMPL) == "auto" and hopper_bwd.supported(do, q, k, v, o, block_q, block_k):
+        dq, stats = hopper_bwd.launch_dq(do, q, k, v, o, lse, row_count, row_index, scale, block_q, block_k)
         dk, dv = hopper_bwd.launch_dkdv(do, q, k, v, stats, col_count, col_index, scale, block_q, block_k)
         return dq, dk, dv
+    delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    _bwd_preprocess[(tq, b * h)](
+        o, do, delta, *o.stride(), *do.stride(), h, lq, d, BLOCK_M=block_q, BLOCK_D=block_d,
+    )
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     cfg, split = _config("dq", block_d, block_q, q.is_cuda)
     _run(_bwd_dq_kernel, (tq * split, b * h), (

@@ -1,12 +1,21 @@
-"""Block-sparse attention backward for Hopper (sm_90) in Gluon: dK and dV from column lists.
+"""Block-sparse attention backward for Hopper (sm_90) in Gluon: dQ from row lists, then dK and dV from column lists.
 
-Work unit: one 64-key block of one (batch, head), a *tile*, walking that block's ascending *column list* (the
-128-row query blocks that keep it), like ``_bwd_dkdv_kernel`` in ``block_sparse_attn.py`` (which stays the
-reference, the CPU path and the path for other GPUs and dtypes). Deterministic: no atomics. The structure
-follows ``hopper_fwd.py``:
+Both kernels stand beside the ``tl`` kernels of ``block_sparse_attn.py`` (the reference, the CPU path and the
+path for other GPUs and dtypes) and, like them, are deterministic: no atomics.
+
+**dQ** (``_dq_kernel``) is the forward's schedule (``hopper_fwd.py``: persistent programs, a loader warp, two
+consumer warpgroups of 64 query rows, a K/V ring): the loader brings each tile's Q, dO and O rows, and each
+step of the row list takes S = Q K^T and dP = dO V^T back to back, P = exp2(S * scale * log2e - lse * log2e)
+while dP is on the tensor cores, and dQ += P (dP - delta) K. The consumers also compute delta = rowsum(O * dO)
+of their rows and write the row statistics (-lse / scale, -delta, padded to whole query blocks with -inf and
+0) that the dK/dV kernel reads by TMA, so the backward has no separate pass over O and dO.
+
+**dK/dV** (``_dkdv_kernel``): one tile = one 64-key block of one (batch, head), walking the block's ascending
+*column list* (the 128-row query blocks that keep it):
 
 - persistent programs (one per SM) walking tiles ``pid, pid + grid, ...``; K and V of a tile stay in shared
-  memory for the whole column list (``kv_buf`` = 2 lets the next tile's K and V load under this tile's end);
+  memory for the whole column list (``kv_buf`` = 2 would let the next tile's K and V load under this tile's
+  end; measured no faster, so off);
 - one *loader* warp issues TMA copies of each step's Q and dO query block and of its row statistics into a
   ring of ``num_buf`` slots, reading each tile's count and first column entry a tile ahead;
 - two *consumer* warpgroups each take 64 of the 128 query rows of every step and keep their own fp32 dK and
@@ -20,12 +29,14 @@ dP^T is on the tensor cores; dV += P^T dO issued; dS^T = P^T (dP^T - delta) whil
 dK += dS^T Q. The statistics come from shared memory at the point of use, so no [64]-column vector stays
 live next to the five register tiles.
 
-No masking is needed: TMA fills query rows past Lq and key rows past Lk with zeros, query rows past Lq have
--lse / scale = -inf (so P = 0), and dK/dV rows past Lk are not stored.
+No masking is needed in either kernel: TMA fills query rows past Lq and key rows past Lk with zeros, a zero
+key row adds nothing to dQ whatever its P, query rows past Lq have -lse / scale = -inf (so P = 0), and dK/dV
+rows past Lk are not stored.
 
-Inputs: q, k, v, do ``[B, H, L, D]`` (bf16 or fp16, D in {64, 128}, unit stride on D, 16-byte aligned
-strides), the statistics ``[B*H, 2, TQ*128]`` float32 of ``block_sparse_attn.bwd_row_stats``, column lists
-``[B, H, TK, TQ]`` int32 with counts ``[B, H, TK]``; returns dk, dv shaped and typed like k and v.
+Inputs: q, k, v, do, o ``[B, H, L, D]`` (bf16 or fp16, D in {64, 128}, unit stride on D, 16-byte aligned
+strides), the statistics ``[B*H, 2, TQ*128]`` float32 that the dQ kernel writes (above), row and column lists
+with their counts as ``BlockMask`` holds them, and lse ``[B, H, Lq]`` float32 from the forward; dq, dk, dv come
+back shaped and typed like q, k, v.
 """
 
 from __future__ import annotations
@@ -221,8 +232,8 @@ if HAS_GLUON:
 
 
     @gluon.jit
-    def _dq_consumer(dq_desc, Stats, q_smem, do_smem, dq_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars,
-                     RowCount, H, TQ, Lpad, num_tiles, qk_scale, sm_scale,
+    def _dq_consumer(dq_desc, LSE, Stats, q_smem, do_smem, o_smem, dq_smem, k_smem, v_smem, q_bars, q_free, k_bars,
+                     v_bars, free_bars, RowCount, H, Lq, TQ, Lpad, num_tiles, qk_scale, sm_scale, inv_scale,
                      WG: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
                      NUM_BUF: gl.constexpr):
         dtype: gl.constexpr = q_smem.dtype
@@ -230,6 +241,7 @@ if HAS_GLUON:
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_D, 16])
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # O * dO, 16-byte vectors
         s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
         offs = gl.arange(0, HALF_M, layout=row_s)
 
@@ -240,13 +252,20 @@ if HAS_GLUON:
             pid_bh = tile // TQ
             count = gl.load(RowCount + pid_bh.to(gl.int64) * TQ + pid_m)
             row0 = (2 * pid_m + WG) * HALF_M
-            st = Stats + pid_bh.to(gl.int64) * 2 * Lpad + row0 + offs  # padded rows: no mask
-            neg_lse2 = gl.load(st) * qk_scale  # -lse * log2(e)
-            neg_delta = gl.load(st + Lpad)
-            dq = gl.zeros([HALF_M, BLOCK_D], gl.float32, layout=o_layout)
+            lse = gl.load(LSE + pid_bh.to(gl.int64) * Lq + row0 + offs, mask=row0 + offs < Lq, other=float("inf"))
             mbarrier.wait(q_bars.index(WG), n & 1)
             q = q_smem.index(WG).reshape([HALF_M, BLOCK_D])
             do = do_smem.index(WG).reshape([HALF_M, BLOCK_D])
+            # delta = rowsum(O * dO) of this consumer's rows (zero past Lq: TMA zero-fills), and the rows the
+            # dK/dV kernel reads by TMA after this kernel: (-lse / scale, -delta), padded to Lpad
+            prod = o_smem.index(WG).reshape([HALF_M, BLOCK_D]).load(rows_layout).to(gl.float32) \
+                * do.load(rows_layout).to(gl.float32)
+            neg_delta = -gl.convert_layout(gl.sum(prod, 1), row_s)
+            st = Stats + pid_bh.to(gl.int64) * 2 * Lpad + row0 + offs
+            gl.store(st, -lse * inv_scale)
+            gl.store(st + Lpad, neg_delta)
+            neg_lse2 = -lse * 1.4426950408889634
+            dq = gl.zeros([HALF_M, BLOCK_D], gl.float32, layout=o_layout)
             for t in range(count):
                 j = it + t
                 slot = j % NUM_BUF
@@ -270,15 +289,16 @@ if HAS_GLUON:
         tma.store_wait(0)
 
     @gluon.jit
-    def _dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, Stats, RowCount, RowIndex, H, TQ, TK, Lpad, num_tiles,
-                   qk_scale, sm_scale, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, NUM_BUF: gl.constexpr,
-                   LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
-        # the forward's schedule (hopper_fwd.py) with dO next to Q and three products per step:
+    def _dq_kernel(q_desc, do_desc, o_desc, k_desc, v_desc, dq_desc, LSE, Stats, RowCount, RowIndex, H, Lq, TQ, TK, Lpad,
+                   num_tiles, qk_scale, sm_scale, inv_scale, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
+                   NUM_BUF: gl.constexpr, LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+        # the forward's schedule (hopper_fwd.py) with dO and O next to Q and three products per step:
         # S = Q K^T, dP = dO V^T, dQ += P (dP - delta) K; one tile = one query block, walked over its row list
         HALF_M: gl.constexpr = q_desc.block_type.shape[2]
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [2] + do_desc.block_type.shape, do_desc.layout)
+        o_smem = gl.allocate_shared_memory(dtype, [2] + o_desc.block_type.shape, o_desc.layout)
         dq_smem = gl.allocate_shared_memory(dtype, [2] + dq_desc.block_type.shape, dq_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, 1, 1, BLOCK_N, BLOCK_D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, 1, 1, BLOCK_N, BLOCK_D], v_desc.layout)
@@ -295,15 +315,15 @@ if HAS_GLUON:
             mbarrier.init(v_bars.index(i), count=1)
             mbarrier.init(free_bars.index(i), count=2)
         gl.warp_specialize([
-            (_dq_consumer, (dq_desc, Stats, q_smem, do_smem, dq_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars,
-                            free_bars, RowCount, H, TQ, Lpad, num_tiles, qk_scale, sm_scale,
-                            0, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF)),
-            (_dq_consumer, (dq_desc, Stats, q_smem, do_smem, dq_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars,
-                            free_bars, RowCount, H, TQ, Lpad, num_tiles, qk_scale, sm_scale,
-                            1, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF)),
+            (_dq_consumer, (dq_desc, LSE, Stats, q_smem, do_smem, o_smem, dq_smem, k_smem, v_smem, q_bars, q_free,
+                            k_bars, v_bars, free_bars, RowCount, H, Lq, TQ, Lpad, num_tiles, qk_scale, sm_scale,
+                            inv_scale, 0, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF)),
+            (_dq_consumer, (dq_desc, LSE, Stats, q_smem, do_smem, o_smem, dq_smem, k_smem, v_smem, q_bars, q_free,
+                            k_bars, v_bars, free_bars, RowCount, H, Lq, TQ, Lpad, num_tiles, qk_scale, sm_scale,
+                            inv_scale, 1, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars,
                        RowCount, RowIndex, RowCount, H, TQ, TK, num_tiles, HALF_M, BLOCK_N, NUM_BUF, 1, False, 1,
-                       do_desc, do_smem)),
+                       do_desc, do_smem, o_desc, o_smem)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -312,9 +332,11 @@ HOPPER_DKDV_CONFIG: dict[str, int] = {"num_buf": 2, "kv_buf": 1, "loader_regs": 
 HOPPER_DQ_CONFIG: dict[str, int] = {"num_buf": 3, "loader_regs": 24, "consumer_regs": 232}
 
 
-def supported(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int) -> bool:
-    """Whether the Gluon dK/dV kernel can run this call: the forward's conditions, and dO TMA-addressable too."""
-    return _fwd_supported(q, k, v, block_q, block_k) and do.dtype == q.dtype and _fwd_supported(do, k, v, block_q, block_k)
+def supported(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+              block_q: int, block_k: int) -> bool:
+    """Whether the Gluon backward can run this call: the forward's conditions, and dO and O TMA-addressable too."""
+    return (_fwd_supported(q, k, v, block_q, block_k) and do.dtype == o.dtype == q.dtype
+            and _fwd_supported(do, o, v, block_q, block_k))
 
 
 def _stats_descriptor(stats: torch.Tensor, rows: int) -> "TensorDescriptor":
@@ -326,8 +348,8 @@ def _stats_descriptor(stats: torch.Tensor, rows: int) -> "TensorDescriptor":
 def launch_dkdv(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stats: torch.Tensor,
                 col_count: torch.Tensor, col_index: torch.Tensor, scale: float, block_q: int, block_k: int,
                 config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the Gluon dK/dV kernel; the caller checks :func:`supported` first. ``stats`` is
-    ``block_sparse_attn.bwd_row_stats``'s ``[B*H, 2, TQ*block_q]`` float32 (-lse / scale, -delta). Returns ``(dk, dv)``."""
+    """Run the Gluon dK/dV kernel; the caller checks :func:`supported` first. ``stats`` is the row statistics
+    that :func:`launch_dq` returns. Returns ``(dk, dv)``."""
     cfg = {**HOPPER_DKDV_CONFIG, **(config or {})}
     b, h, lq, d = q.shape
     lk = k.shape[2]
@@ -347,24 +369,28 @@ def launch_dkdv(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return dk, dv
 
 
-def launch_dq(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stats: torch.Tensor,
+def launch_dq(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
               row_count: torch.Tensor, row_index: torch.Tensor, scale: float, block_q: int, block_k: int,
-              config: dict | None = None) -> torch.Tensor:
-    """Run the Gluon dQ kernel (row lists; ``stats`` as for :func:`launch_dkdv`); returns dq like q."""
+              config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the Gluon dQ kernel (row lists). Returns ``dq`` like q and the row statistics ``[B*H, 2, TQ*block_q]``
+    float32 (-lse / scale, -delta with delta = rowsum(o * do); padded with -inf and 0) that :func:`launch_dkdv`
+    reads, so the backward needs no separate pass over O and dO."""
     cfg = {**HOPPER_DQ_CONFIG, **(config or {})}
     b, h, lq, d = q.shape
     tq, tk = row_index.shape[2], row_index.shape[3]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    stats = torch.empty((b * h, 2, tq * block_q), dtype=torch.float32, device=q.device)
     half = block_q // 2
     num_tiles = tq * b * h
     grid = min(num_tiles, _sm_count(q.device))
     _dq_kernel[(grid,)](
-        _descriptor(q, half), _descriptor(do, half), _descriptor(k, block_k), _descriptor(v, block_k),
-        _descriptor(dq, half), stats, row_count, row_index, h, tq, tk, stats.shape[2], num_tiles, scale * LOG2E, scale,
+        _descriptor(q, half), _descriptor(do, half), _descriptor(o, half), _descriptor(k, block_k),
+        _descriptor(v, block_k), _descriptor(dq, half), lse, stats, row_count, row_index, h, lq, tq, tk, tq * block_q,
+        num_tiles, scale * LOG2E, scale, 1.0 / scale,
         BLOCK_N=block_k, BLOCK_D=d, NUM_BUF=cfg["num_buf"],
         LOADER_REGS=cfg["loader_regs"], CONSUMER_REGS=cfg["consumer_regs"], num_warps=4,
     )
-    return dq
+    return dq, stats
 
 
 __all__ = ["HOPPER_DKDV_CONFIG", "HOPPER_DQ_CONFIG", "launch_dkdv", "launch_dq", "supported"]

@@ -71,8 +71,8 @@ if HAS_GLUON:
     def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars,
                 RowCount, RowIndex, Order, H, TQ, TK, num_tiles,
                 HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_BUF: gl.constexpr, PAIR: gl.constexpr,
-                ORDERED: gl.constexpr, Q_BUF: gl.constexpr, do_desc=None, do_smem=None):
-        # with do_desc (the dQ kernel of hopper_bwd.py) each tile's dO rows load next to its Q rows
+                ORDERED: gl.constexpr, Q_BUF: gl.constexpr, do_desc=None, do_smem=None, o_desc=None, o_smem=None):
+        # with do_desc and o_desc (the dQ kernel of hopper_bwd.py) each tile's dO and O rows load next to its Q rows
         WITH_DO: gl.constexpr = do_desc is not None
         it = 0
         n = 0
@@ -89,8 +89,9 @@ if HAS_GLUON:
                 qs = (n % Q_BUF) * 2 + i
                 mbarrier.wait(q_free.index(qs), ((n // Q_BUF) & 1) ^ 1)
                 if WITH_DO:
-                    mbarrier.expect(q_bars.index(qs), 2 * q_desc.block_type.nbytes)
+                    mbarrier.expect(q_bars.index(qs), 3 * q_desc.block_type.nbytes)
                     tma.async_copy_global_to_shared(do_desc, [b, h, (2 * pid_m + i) * HALF_M, 0], q_bars.index(qs), do_smem.index(qs))
+                    tma.async_copy_global_to_shared(o_desc, [b, h, (2 * pid_m + i) * HALF_M, 0], q_bars.index(qs), o_smem.index(qs))
                 else:
                     mbarrier.expect(q_bars.index(qs), q_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(q_desc, [b, h, (2 * pid_m + i) * HALF_M, 0], q_bars.index(qs), q_smem.index(qs))
