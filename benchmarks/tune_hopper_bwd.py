@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="1,12,32760,128,0.95;1,12,32760,128,0;1,40,75600,128,0.95",
                     help="B,H,L,D,sparsity;... (sparsity 0 = dense mask)")
     ap.add_argument("--configs", default="2:1", help="dK/dV num_buf:kv_buf,...")
-    ap.add_argument("--dq-bufs", default="3", help="dQ ring slots, comma-separated")
+    ap.add_argument("--dq-bufs", default="3", help="dQ ring slots, comma-separated (2 or 3: more does not fit in shared memory next to Q, dO and O)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     configs = [dict(zip(("num_buf", "kv_buf"), (int(x) for x in c.split(":")))) for c in args.configs.split(",")]
