@@ -349,7 +349,7 @@ def test_gpu_hopper_backward_matches_reference(dkdv_cfg, dq_cfg, b, h, lq, lk, d
     mask = torch.rand(b, h, _nblocks(lq, 128), _nblocks(lk, 64), device="cuda", generator=g) < density
     mask[:, :, 0] = False      # an empty row: its query rows contribute nothing
     mask[:, :, :, 1] = False   # an empty column: zero dK and dV
-    mask[:, :, 1:, 0] = True
+    mask[:, :, 1:, 0] = True   # key block 0 kept by every other row: the longest column list
     bm = sparge.BlockMask.from_dense(mask, lq, lk)
     col_count, col_index = bm.columns()
     scale = d ** -0.5

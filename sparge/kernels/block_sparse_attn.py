@@ -377,28 +377,28 @@ def _launch_bwd(do, q, k, v, o, lse, row_count, row_index, col_count, col_index,
                 impl: str | None = None):
     from sparge.kernels import hopper_bwd
 
+    if (impl or BWD_IMPL) == "auto" and hopper_bwd.supported(do, q, k, v, o, block_q, block_k):
+        dq, stats = hopper_bwd.launch_dq(do, q, k, v, o, lse, row_count, row_index, scale, block_q, block_k)
+        dk, dv = hopper_bwd.launch_dkdv(do, q, k, v, stats, col_count, col_index, scale, block_q, block_k)
+        return dq, dk, dv
     b, h, lq, d = q.shape
     lk = k.shape[2]
     tq, tk = row_index.shape[2], row_index.shape[3]
     block_d = _block_d(d)
     ieee = q.dtype == torch.float32
-    if (impl or BWD_IMPL) == "auto" and hopper_bwd.supported(do, q, k, v, o, block_q, block_k):
-        dq, stats = hopper_bwd.launch_dq(do, q, k, v, o, lse, row_count, row_index, scale, block_q, block_k)
-        dk, dv = hopper_bwd.launch_dkdv(do, q, k, v, stats, col_count, col_index, scale, block_q, block_k)
-        return dq, dk, dv
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     _bwd_preprocess[(tq, b * h)](
         o, do, delta, *o.stride(), *do.stride(), h, lq, d, BLOCK_M=block_q, BLOCK_D=block_d,
     )
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     cfg, split = _config("dq", block_d, block_q, q.is_cuda)
     _run(_bwd_dq_kernel, (tq * split, b * h), (
         q, k, v, do, dq, lse, delta, row_count, row_index,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         h, lq, lk, d, tq, tk, scale * LOG2E, scale,
     ), cfg, BLOCK_M=block_q // split, SPLIT=split, BLOCK_N=block_k, BLOCK_D=block_d, IEEE=ieee, UPCAST=_upcast(q))
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     cfg, sub_m = _config("dkdv", block_d, block_q, q.is_cuda)
     _run(_bwd_dkdv_kernel, (tk, b * h), (
         q, k, v, do, dk, dv, lse, delta, col_count, col_index,

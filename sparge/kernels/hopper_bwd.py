@@ -351,7 +351,7 @@ def launch_dkdv(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     """Run the Gluon dK/dV kernel; the caller checks :func:`supported` first. ``stats`` is the row statistics
     that :func:`launch_dq` returns. Returns ``(dk, dv)``."""
     cfg = {**HOPPER_DKDV_CONFIG, **(config or {})}
-    b, h, lq, d = q.shape
+    b, h, _, d = q.shape
     lk = k.shape[2]
     tk, tq = col_index.shape[2], col_index.shape[3]
     dk = torch.empty((b, h, lk, d), dtype=k.dtype, device=k.device)
