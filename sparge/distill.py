@@ -48,7 +48,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -232,14 +232,26 @@ def _barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def _shard(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """FSDP2: one unit per transformer block plus the root; all-gather in ``dtype``, reduce in float32."""
+def _shard(module: torch.nn.Module, dtype: torch.dtype, *, float32_master: bool = False) -> None:
+    """FSDP2: one unit per transformer block plus the root; all-gather in ``dtype``, reduce in float32.
+
+    `fully_shard` moves a unit's parameters to the process group's device and keeps only this rank's shard,
+    so the module may come in on the CPU. With ``float32_master`` each unit's parameters become float32 just
+    before it is sharded (FSDP2 wants one dtype per unit), one block at a time.
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+    def unit(m: torch.nn.Module, params: Iterable[torch.nn.Parameter]) -> None:
+        if float32_master:
+            for p in params:
+                p.data = p.data.float()
+        fully_shard(m, mp_policy=mp)
+
     for block in module.blocks:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(module, mp_policy=mp)
+        unit(block, block.parameters())
+    unit(module, (p for name, p in module.named_parameters() if not name.startswith("blocks.")))
 
 
 # ----------------------------------------------------------------------------- student / teacher
@@ -441,22 +453,27 @@ class Finetuner:
                 add_lora(transformer, config.lora_rank)
         self.trained = select_trainable(transformer, config.train)
         trained_set = set(self.trained)
-        # master weights: trained parameters in float32; frozen ones stay in the load dtype
-        for name, p in transformer.named_parameters():
-            if name in trained_set or self.dist.distributed:
-                p.data = p.data.float()
         self.teacher: torch.nn.Module | None = None
-        if config.loss != "diffusion" and config.train != "lora":
-            self.teacher = make_teacher_copy(transformer, self.trained, share_frozen=not self.dist.distributed)
-            if self.dist.distributed:
-                self.teacher.to(dtype)
-        transformer.to(device)
-        if self.teacher is not None:
-            self.teacher.to(device)
+        need_teacher = config.loss != "diffusion" and config.train != "lora"
         if self.dist.distributed:
-            _shard(transformer, dtype)
-            if self.teacher is not None:
+            # FSDP2 moves each unit to the GPU as it shards it, so nothing is ever whole on a GPU; the teacher is
+            # copied (in the model dtype) and sharded first, and the student becomes float32 one block at a time,
+            # so the host holds about one model in the load dtype, not a float32 one beside a teacher
+            if need_teacher:
+                self.teacher = make_teacher_copy(transformer, self.trained, share_frozen=False).to(dtype)
                 _shard(self.teacher, dtype)
+            _shard(transformer, dtype, float32_master=True)
+        else:
+            # master weights: trained parameters in float32; frozen ones stay in the load dtype (and are shared
+            # with the teacher)
+            for name, p in transformer.named_parameters():
+                if name in trained_set:
+                    p.data = p.data.float()
+            if need_teacher:
+                self.teacher = make_teacher_copy(transformer, self.trained, share_frozen=True)
+            transformer.to(device)
+            if self.teacher is not None:
+                self.teacher.to(device)
         self.student = transformer.train()
         self.switch = SparseSwitch(transformer, sparse, sparse_layers)
 
@@ -710,10 +727,12 @@ class Finetuner:
                         f"{self.cfg.grad_accum})): raise --grad-accum, add --gradient-checkpointing, or use more GPUs"
                     ) from None
                 elapsed = time.perf_counter() - t0
+                extra = {} if self.last_sparsity is None else {"sparsity": self.last_sparsity}
+                if self.device.type == "cuda":  # this rank's peak since the start (no sync)
+                    extra["gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 rec = StepRecord(step=self.step, loss=loss, lr=self.scheduler.get_last_lr()[0], grad_norm=norm,
                                  samples=self.step * self.cfg.batch_size, elapsed_s=elapsed,
-                                 steps_per_s=(self.step - first) / elapsed if elapsed > 0 else 0.0,
-                                 extra={} if self.last_sparsity is None else {"sparsity": self.last_sparsity})
+                                 steps_per_s=(self.step - first) / elapsed if elapsed > 0 else 0.0, extra=extra)
                 if log is not None:
                     log.write(json.dumps(rec.to_json()) + "\n")
                     log.flush()

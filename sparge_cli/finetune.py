@@ -213,6 +213,7 @@ def register(app: typer.Typer) -> None:
                 summary = {"student": str(final), "out": str(out), "steps": trainer.step, "world_size": trainer.dist.world_size,
                            "micro_batch": trainer.micro, "final_loss": records[-1].loss if records else None,
                            "sparsity": records[-1].extra.get("sparsity") if records else None,
+                           "gpu_peak_gib": records[-1].extra.get("gpu_peak_gib") if records else None,
                            "elapsed_s": records[-1].elapsed_s if records else 0.0, "log": str(out / "log.jsonl"),
                            "config": {k: getattr(cfg, k) for k in ("steps", "batch_size", "grad_accum", "lr", "train", "loss", "seed")}}
                 if json_out:
