@@ -241,7 +241,9 @@ def _shard(module: torch.nn.Module, dtype: torch.dtype, *, float32_master: bool 
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    # no cast of the units' inputs: as in one process, autocast alone picks the compute dtype (FSDP2's cast
+    # would round the timestep to bf16, and the checkpoint's recomputation, which skips it, would see other dtypes)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
     def unit(m: torch.nn.Module, params: Iterable[torch.nn.Parameter]) -> None:
         if float32_master:
