@@ -61,12 +61,12 @@ if HAS_GLUON:
     from sparge.kernels.hopper_fwd import _loader, _store_rows
 
     @gluon.jit
-    def _column_head(ColCount, ColIndex, tile, num_tiles, TQ, TK):
+    def _column_head(ColCount, ColIndex, tile, num_tiles, TQ):
         """(count, first query block) of a tile's column list; (0, 0) past the last tile."""
         live = tile < num_tiles
-        lut = (tile // TK).to(gl.int64) * TK + tile % TK
-        count = gl.load(ColCount + lut, mask=live, other=0)
-        qb = gl.load(ColIndex + lut * TQ, mask=live & (count > 0), other=0)
+        # tile = pid_bh * TK + key block: the tile number is the column list's index
+        count = gl.load(ColCount + tile, mask=live, other=0)
+        qb = gl.load(ColIndex + tile.to(gl.int64) * TQ, mask=live & (count > 0), other=0)
         return count, qb
 
     @gluon.jit
@@ -77,14 +77,14 @@ if HAS_GLUON:
         n = 0
         # each tile's count and first column entry are read one tile ahead, so no global-load latency sits
         # between the last copies of a tile and the first of the next
-        count, qb = _column_head(ColCount, ColIndex, gl.program_id(0), num_tiles, TQ, TK)
+        count, qb = _column_head(ColCount, ColIndex, gl.program_id(0), num_tiles, TQ)
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             pid_n = tile % TK
             pid_bh = tile // TK
             b = pid_bh // H
             h = pid_bh % H
-            idx_ptr = ColIndex + (pid_bh.to(gl.int64) * TK + pid_n) * TQ
-            count_nxt, qb_nxt = _column_head(ColCount, ColIndex, tile + gl.num_programs(0), num_tiles, TQ, TK)
+            idx_ptr = ColIndex + tile.to(gl.int64) * TQ
+            count_nxt, qb_nxt = _column_head(ColCount, ColIndex, tile + gl.num_programs(0), num_tiles, TQ)
             ks = n % KV_BUF
             # a fresh barrier counts as having completed the phase before 0, so the first lap passes
             mbarrier.wait(kv_free.index(ks), ((n // KV_BUF) & 1) ^ 1)
@@ -128,12 +128,12 @@ if HAS_GLUON:
 
         it = 0
         n = 0
-        count = gl.load(ColCount + (gl.program_id(0) // TK).to(gl.int64) * TK + gl.program_id(0) % TK)
+        count = gl.load(ColCount + gl.program_id(0))
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             pid_n = tile % TK
             pid_bh = tile // TK
             nxt = tile + gl.num_programs(0)
-            count_nxt = gl.load(ColCount + (nxt // TK).to(gl.int64) * TK + nxt % TK, mask=nxt < num_tiles, other=0)
+            count_nxt = gl.load(ColCount + nxt, mask=nxt < num_tiles, other=0)
             dk = gl.zeros([BLOCK_N, BLOCK_D], gl.float32, layout=a_layout)
             dv = gl.zeros([BLOCK_N, BLOCK_D], gl.float32, layout=a_layout)
             ks = n % KV_BUF
@@ -250,7 +250,7 @@ if HAS_GLUON:
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             pid_m = tile % TQ
             pid_bh = tile // TQ
-            count = gl.load(RowCount + pid_bh.to(gl.int64) * TQ + pid_m)
+            count = gl.load(RowCount + tile)  # tile = pid_bh * TQ + pid_m
             row0 = (2 * pid_m + WG) * HALF_M
             lse = gl.load(LSE + pid_bh.to(gl.int64) * Lq + row0 + offs, mask=row0 + offs < Lq, other=float("inf"))
             mbarrier.wait(q_bars.index(WG), n & 1)
