@@ -26,8 +26,10 @@ What is trained and where the teacher comes from:
 
 Trained weights are kept in float32 (master weights) and the forward runs under autocast in the model
 dtype. Under ``torchrun`` the student (and a teacher copy) is sharded with FSDP2 (`fully_shard`, one
-unit per transformer block, parameters all-gathered in the model dtype, gradients reduced in float32),
-and the global batch is split over the ranks; without ``torchrun`` it is one plain process.
+unit per transformer block, parameters all-gathered in the model dtype, gradients reduced in float32, the
+units' inputs left as they come), and the global batch is split over the ranks; without ``torchrun`` it is
+one plain process. Every student parameter is float32 under FSDP2 (one dtype per unit), and sharding starts
+from the host, one block at a time, so no GPU holds a whole model.
 
 Checkpoints: ``OUT/ckpt-000100/`` (trained weights ``trainable.safetensors``, ``optimizer.pt``,
 ``trainer.pt`` with step, LR-scheduler and RNG states, ``state.json``), written to a temporary folder
