@@ -26,6 +26,7 @@ from sparge.mask import (
     build_block_mask,
     check_dense_mask,
     check_knobs,
+    kept_slots,
 )
 
 Backend = Literal["auto", "triton", "torch"]
@@ -239,8 +240,7 @@ def _gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_c
     c = int(row_count.max()) if row_count.numel() else 0  # one host sync: this path is not for CUDA graphs
     if c == 0:
         return q.new_zeros(b, h, lq, v.shape[-1])
-    slot = torch.arange(c, device=q.device)
-    kept = slot < row_count.unsqueeze(-1)  # [B, H, Tq, C]
+    kept = kept_slots(row_count, c)  # [B, H, Tq, C]
     idx = torch.where(kept, row_index[..., :c].long(), 0).clamp_(0, tk - 1)
     pad_k = tk * block_k - lk
     kb = torch.nn.functional.pad(k, (0, 0, 0, pad_k)).reshape(b, h, tk, block_k * d)

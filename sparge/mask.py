@@ -153,9 +153,13 @@ def _sort_scores(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.sort(scores, dim=-1, descending=True, stable=True)
 
 
+def kept_slots(count: torch.Tensor, n: int) -> torch.Tensor:
+    """``[..., n]`` bool: which of a list's ``n`` slots hold entries (slot ``i`` does when ``i < count``)."""
+    return torch.arange(n, device=count.device) < count.unsqueeze(-1)
+
+
 def _prefix_to_dense(order: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    rank = torch.arange(order.shape[-1], device=order.device)
-    keep_sorted = rank < count.unsqueeze(-1)
+    keep_sorted = kept_slots(count, order.shape[-1])
     return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
@@ -281,8 +285,7 @@ def _index_lists(mask: torch.Tensor, backend: str = "auto") -> tuple[torch.Tenso
     m8 = mask.to(torch.int8)
     index = torch.sort(m8, dim=-1, descending=True, stable=True).indices.to(torch.int32)
     count = m8.sum(-1, dtype=torch.int32)
-    rank = torch.arange(index.shape[-1], device=index.device)
-    return count, index.masked_fill_(rank >= count.unsqueeze(-1), 0).contiguous()
+    return count, index.masked_fill_(~kept_slots(count, index.shape[-1]), 0).contiguous()
 
 
 def _block_sizes(length: int, block: int, device: torch.device) -> torch.Tensor:
@@ -387,8 +390,7 @@ class BlockMask:
         """``[B, H, Tq, Tk]`` bool."""
         if self.dense is not None:
             return self.dense
-        rank = torch.arange(self.row_index.shape[-1], device=self.row_index.device)
-        kept = (rank < self.row_count.unsqueeze(-1)).to(torch.int32)
+        kept = kept_slots(self.row_count, self.row_index.shape[-1]).to(torch.int32)
         return torch.zeros_like(kept).scatter_add_(-1, self.row_index.long(), kept) > 0
 
     def sparsity_tensor(self) -> torch.Tensor:
