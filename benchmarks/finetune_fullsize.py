@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from sparge._atomic import atomic_file  # noqa: E402
 from sparge.attention import SpargeConfig  # noqa: E402
 from sparge.data import LatentCache, write_cache  # noqa: E402
-from sparge.distill import FinetuneConfig, Finetuner, launched_by_torchrun  # noqa: E402
+from sparge.distill import FinetuneConfig, Finetuner  # noqa: E402
 from sparge.integrations.diffusers import (  # noqa: E402
     WAN_2_1_T2V_1_3B_CONFIG,
     WAN_2_1_T2V_14B_CONFIG,
