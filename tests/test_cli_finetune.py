@@ -129,20 +129,14 @@ def test_out_of_memory_names_the_option_and_leaves_no_half_checkpoint(preset, ca
     assert sorted(p.name for p in out.iterdir()) == ["ckpt-000001", "log.jsonl", "run.json"]
 
 
-@pytest.mark.slow  # two torchrun processes start Python, torch and diffusers each: ~30-40 s on 2 cores
-def test_torchrun_two_processes_fsdp2_match_one_process(preset, cache, tmp_path):
-    """FSDP2 data parallelism (gloo on the CPU): 2 ranks under torchrun give the single-process run's losses and weights."""
+def one_process_then_two_ranks(preset: Path, cache: Path, one: Path, two: Path, *args: str) -> list[list[dict]]:
+    """Train into ``one`` in this process, then into ``two`` with 2 ranks under torchrun (gloo); both step logs."""
     import os
     import subprocess
     import sys
 
-    from safetensors.torch import load_file
-
-    args = ["--train", "all", "--batch-size", "4", "--lr", "1e-3", "--save-every", "100"]
-    one = tmp_path / "one"
     r = runner.invoke(app, train_args(preset, cache, one, *args))
     assert r.exit_code == 0, r.output
-    two = tmp_path / "two"
     env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -152,6 +146,17 @@ def test_torchrun_two_processes_fsdp2_match_one_process(preset, cache, tmp_path)
     assert json.loads(p.stdout)["world_size"] == 2  # one JSON summary, from rank 0 only
     logs = [[json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()] for d in (one, two)]
     assert [r["step"] for r in logs[1]] == [1, 2]
+    return logs
+
+
+@pytest.mark.slow  # two torchrun processes start Python, torch and diffusers each: ~30-40 s on 2 cores
+def test_torchrun_two_processes_fsdp2_match_one_process(preset, cache, tmp_path):
+    """FSDP2 data parallelism (gloo on the CPU): 2 ranks under torchrun give the single-process run's losses and weights."""
+    from safetensors.torch import load_file
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    logs = one_process_then_two_ranks(preset, cache, one, two, "--train", "all", "--batch-size", "4", "--lr", "1e-3",
+                                      "--save-every", "100")
     for a, b in zip(*logs):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     wa, wb = load_file(str(one / "student.safetensors")), load_file(str(two / "student.safetensors"))
@@ -170,23 +175,7 @@ def test_torchrun_bf16_gradient_checkpointing_matches_one_process(preset, cache,
     recomputation; sparge turns that cast off, so this runs (it failed with a CheckpointError) and the
     2-rank losses follow the 1-process run's.
     """
-    import os
-    import subprocess
-    import sys
-
-    args = ["--train", "all", "--batch-size", "4", "--lr", "1e-3", "--save-every", "100", "--gradient-checkpointing",
-            "--dtype", "bf16"]
-    one = tmp_path / "one"
-    r = runner.invoke(app, train_args(preset, cache, one, *args))
-    assert r.exit_code == 0, r.output
-    two = tmp_path / "two"
-    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "sparge_cli.app", *train_args(preset, cache, two, *args), "--json"],
-                       env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert p.returncode == 0, p.stderr[-3000:]
-    logs = [[json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()] for d in (one, two)]
-    assert [r["step"] for r in logs[1]] == [1, 2]
+    logs = one_process_then_two_ranks(preset, cache, tmp_path / "one", tmp_path / "two", "--train", "all", "--batch-size",
+                                      "4", "--lr", "1e-3", "--save-every", "100", "--gradient-checkpointing", "--dtype", "bf16")
     for a, b in zip(*logs):  # bf16 matmuls in another reduction order (was 5% off with the inputs cast)
         assert b["loss"] == pytest.approx(a["loss"], rel=0.01)
