@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -93,8 +94,6 @@ def worker(a: argparse.Namespace) -> None:
             "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
     ranks = [rank]
     if trainer.dist.distributed:
-        import torch.distributed as dist
-
         ranks = [None] * trainer.dist.world_size
         dist.all_gather_object(ranks, rank)
     if trainer.dist.is_main:
@@ -106,8 +105,6 @@ def worker(a: argparse.Namespace) -> None:
                "trained_parameters": sum(p.numel() for p in trainer.student.parameters() if p.requires_grad)}
         write_json(Path(a.result), res)
     if trainer.dist.distributed:
-        import torch.distributed as dist
-
         dist.destroy_process_group()
 
 
