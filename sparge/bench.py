@@ -2,7 +2,8 @@
 
 Every figure is measured on the machine it runs on and labelled with it: GPU name, dtype, shapes,
 library versions, measured sparsity. Times are medians of CUDA-event timings
-(`triton.testing.do_bench`) after warm-up; mask building is timed on its own and also included in
+(`triton.testing.do_bench`) after a warm-up long enough for the GPU's clocks to settle (1 s), over at
+least 5 calls; mask building is timed on its own and also included in
 sparge's "total" figures.
 
 FLOP conventions: forward = ``4 * B * H * pairs * D`` where ``pairs`` is the number of (query, key)
@@ -77,11 +78,32 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+MIN_SAMPLES = 5
+
+
 def _timer(device: torch.device, warmup_ms: int, rep_ms: int) -> Callable[[Callable[[], object]], float]:
+    """Median time (ms) of one call of ``fn``.
+
+    On CUDA: triton's `do_bench` (CUDA events, L2 emptied before each call) after ``warmup_ms`` of calls, over
+    at least ``rep_ms`` and at least `MIN_SAMPLES` calls. The warm-up has to outlast the GPU's power-management
+    transient: on the lent H100, after a pause the clocks overshoot and then dip (to ~1050 MHz) for about half
+    a second once the load reaches the 700 W cap, so a 50 ms call timed twice right away read 20% slow
+    (benchmarks/diag_total_gap.py bisect). The same timer serves every method.
+    """
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return lambda fn: float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+        def cuda_time(fn: Callable[[], object]) -> float:
+            fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            rep = max(rep_ms, MIN_SAMPLES * start.elapsed_time(end))
+            return float(do_bench(fn, warmup=warmup_ms, rep=rep, return_mode="median"))
+
+        return cuda_time
 
     def cpu_time(fn: Callable[[], object]) -> float:
         fn()
@@ -104,7 +126,7 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16
         return None
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = _timer(device, 100, 500)(lambda: a @ b)
+    ms = _timer(device, 1000, 500)(lambda: a @ b)
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
@@ -146,7 +168,7 @@ def bench_attention(
     backward: bool = True,
     block_q: int = 128,
     block_k: int = 64,
-    warmup_ms: int = 25,
+    warmup_ms: int = 1000,
     rep_ms: int = 100,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
