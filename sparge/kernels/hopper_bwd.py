@@ -56,7 +56,6 @@ if HAS_GLUON:
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from sparge.kernels.hopper_fwd import _loader, _store_rows
 
@@ -339,12 +338,6 @@ def supported(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             and _fwd_supported(do, o, v, block_q, block_k))
 
 
-def _stats_descriptor(stats: torch.Tensor, rows: int) -> "TensorDescriptor":
-    block = [1, 1, rows]
-    return TensorDescriptor(stats, list(stats.shape), list(stats.stride()), block,
-                            gl.NVMMASharedLayout.get_default_for(block, gl.float32))
-
-
 def launch_dkdv(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stats: torch.Tensor,
                 col_count: torch.Tensor, col_index: torch.Tensor, scale: float, block_q: int, block_k: int,
                 config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,7 +354,7 @@ def launch_dkdv(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     grid = min(num_tiles, _sm_count(q.device))
     _dkdv_kernel[(grid,)](
         _descriptor(q, half), _descriptor(do, half), _descriptor(k, block_k), _descriptor(v, block_k),
-        _stats_descriptor(stats, half), dk, dv, col_count, col_index, h, lk, tq, tk, num_tiles, scale * LOG2E, scale,
+        _descriptor(stats, half, (1, 1, half)), dk, dv, col_count, col_index, h, lk, tq, tk, num_tiles, scale * LOG2E, scale,
         dk.stride(0), dk.stride(1), dk.stride(2),
         BLOCK_N=block_k, BLOCK_D=d, NUM_BUF=cfg["num_buf"], KV_BUF=cfg["kv_buf"],
         LOADER_REGS=cfg["loader_regs"], CONSUMER_REGS=cfg["consumer_regs"], num_warps=4,
