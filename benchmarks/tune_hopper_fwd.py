@@ -2,7 +2,9 @@
 
 First a correctness pass against the float32 reference (`sparge.reference`) at small shapes: tails, both head
 dims, bf16 and fp16, empty rows, strided views. Then each configuration is timed at the given shapes, each
-output compared with the `tl` kernel's. Prints and writes JSON. Usage:
+output compared with the `tl` kernel's; every time uses the bench's steady-clock timer (1 s warm-up, at least
+5 calls), and with ``--rounds 2`` the configurations are timed again in reverse order, so clock drift over the
+run shows as a difference between the rounds instead of favouring whichever ran first. Prints and writes JSON. Usage:
   python benchmarks/tune_hopper_fwd.py --out benchmarks/results/tune_hopper_fwd_h100.json
 """
 
@@ -15,11 +17,10 @@ import json
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
 
 import sparge
 from sparge import reference
-from sparge.bench import environment
+from sparge.bench import _timer, environment
 from sparge.kernels import block_sparse_attn as K
 from sparge.kernels import hopper_fwd as G
 
@@ -73,9 +74,11 @@ def correctness(configs: list[dict]) -> list[dict]:
     return rows
 
 
-def timing(shape: tuple[int, int, int, int], sparsity: float, configs: list[dict], skew: bool = False) -> list[dict]:
+def timing(shape: tuple[int, int, int, int], sparsity: float, configs: list[dict], skew: bool = False,
+           rounds: int = 1) -> list[dict]:
     b, h, l, d = shape
     dev = torch.device("cuda")
+    time_ms = _timer(dev, 1000, 300)
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (torch.randn(b, h, l, d, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
     tq, tk = -(-l // 128), -(-l // 64)
@@ -93,17 +96,17 @@ def timing(shape: tuple[int, int, int, int], sparsity: float, configs: list[dict
     kept_blocks = float(bm.row_count.sum())
     flops = 4 * kept_blocks * 128 * 64 * d  # QK^T and PV over the kept 128x64 blocks
     o_tl, _ = K._launch_fwd(q, k, v, bm.row_count, bm.row_index, scale, 128, 64, impl="triton")
-    ms_tl = do_bench(lambda: K._launch_fwd(q, k, v, bm.row_count, bm.row_index, scale, 128, 64, impl="triton"), warmup=50, rep=300)
+    ms_tl = time_ms(lambda: K._launch_fwd(q, k, v, bm.row_count, bm.row_index, scale, 128, 64, impl="triton"))
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        ms_cudnn = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), warmup=50, rep=300)
+        ms_cudnn = time_ms(lambda: F.scaled_dot_product_attention(q, k, v))
     rows = [{"shape": list(shape), "sparsity": float(bm.sparsity()), "skew": skew, "kernel": "tl", "ms": ms_tl,
              "tflops": flops / ms_tl / 1e9, "cudnn_dense_ms": ms_cudnn}]
     print(rows[0], flush=True)
-    for cfg in configs:
+    for rnd, cfg in ((r, c) for r in range(rounds) for c in (configs if r % 2 == 0 else configs[::-1])):
         try:
             o, _ = G.launch_fwd(q, k, v, bm.row_count, bm.row_index, scale, 128, 64, config=cfg)
-            ms = do_bench(lambda: G.launch_fwd(q, k, v, bm.row_count, bm.row_index, scale, 128, 64, config=cfg), warmup=50, rep=300)
-            row = {"shape": list(shape), "sparsity": float(bm.sparsity()), "skew": skew, "kernel": "gluon", **cfg, "ms": ms,
+            ms = time_ms(lambda: G.launch_fwd(q, k, v, bm.row_count, bm.row_index, scale, 128, 64, config=cfg))
+            row = {"shape": list(shape), "sparsity": float(bm.sparsity()), "skew": skew, "kernel": "gluon", "round": rnd, **cfg, "ms": ms,
                    "tflops": flops / ms / 1e9, "vs_tl": ms_tl / ms, "rel_diff_vs_tl": _rel(o, o_tl)}
         except Exception as e:  # noqa: BLE001 - a config that fails to compile or run is recorded, not fatal
             row = {"shape": list(shape), "kernel": "gluon", **cfg, "error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -118,10 +121,11 @@ def main() -> None:
     ap.add_argument("--shapes", default="1,12,32760,128@0.95;1,12,32760,128@0;1,40,75600,128@0.95;1,12,32760,128@0.95@skew",
                     help="B,H,L,D@sparsity[@skew] items separated by ';' (sparsity 0: a dense mask)")
     ap.add_argument("--configs", default="1:3,1:4,2:2", help="pair:num_buf items (K/V tiles of pair * 64 keys, ring slots)")
-    ap.add_argument("--pingpong", default="0,1")
+    ap.add_argument("--pingpong", default="0,1,2", help="0: none, 1: consumers take turns by mbarrier, 2: by named barrier")
     ap.add_argument("--lpt", default="0,1", help="process tiles heaviest row first (0, 1 or both)")
     ap.add_argument("--q-buf", default="1,2", help="tiles whose Q is in shared memory at once (1, 2 or both)")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1, help="time the configurations this many times, alternating order")
     args = ap.parse_args()
     configs = [{"pair": int(pn.split(":")[0]), "num_buf": int(pn.split(":")[1]), "pingpong": pp, "lpt": lpt, "q_buf": qb}
                for pn, pp, lpt, qb in itertools.product(args.configs.split(","), *([int(x) for x in a.split(",")]
@@ -130,7 +134,7 @@ def main() -> None:
     result = {"environment": environment(torch.device("cuda")), "correctness": [] if args.skip_check else correctness(checked), "timing": []}
     for spec in args.shapes.split(";"):
         shape, sp, *mode = spec.split("@")
-        result["timing"] += timing(tuple(int(x) for x in shape.split(",")), float(sp), configs, skew=mode == ["skew"])
+        result["timing"] += timing(tuple(int(x) for x in shape.split(",")), float(sp), configs, skew=mode == ["skew"], rounds=args.rounds)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 

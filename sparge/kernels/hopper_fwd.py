@@ -139,6 +139,35 @@ if HAS_GLUON:
         return p, m_new, l_i, alpha
 
     @gluon.jit
+    def _named_barrier(ASM: gl.constexpr):
+        """One hardware named-barrier instruction (``bar.sync`` / ``bar.arrive``), once per thread of a warpgroup."""
+        x = gl.arange(0, 128, layout=gl.BlockedLayout([1], [32], [4], [0]))
+        gl.inline_asm_elementwise(ASM, "=r,r", [x], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _turn_wait(turn_bars, phase, WG: gl.constexpr, PINGPONG: gl.constexpr):
+        """Wait for this consumer's turn to issue its products (PINGPONG 1: mbarrier, 2: named barrier 8 + WG,
+        256 threads: this warpgroup's 128 plus the other's arrive). Triton's own partitions use barriers 0-2."""
+        if PINGPONG == 1:
+            mbarrier.wait(turn_bars.index(WG), phase)
+        if PINGPONG == 2:
+            if WG == 0:
+                _named_barrier("bar.sync 8, 256; mov.u32 $0, $1;")
+            else:
+                _named_barrier("bar.sync 9, 256; mov.u32 $0, $1;")
+
+    @gluon.jit
+    def _turn_pass(turn_bars, WG: gl.constexpr, PINGPONG: gl.constexpr):
+        """Hand the turn to the other consumer (non-blocking)."""
+        if PINGPONG == 1:
+            mbarrier.arrive(turn_bars.index(1 - WG))
+        if PINGPONG == 2:
+            if WG == 0:
+                _named_barrier("bar.arrive 9, 256; mov.u32 $0, $1;")
+            else:
+                _named_barrier("bar.arrive 8, 256; mov.u32 $0, $1;")
+
+    @gluon.jit
     def _store_rows(desc, staging, val, b, h, row0):
         """Store a consumer's [rows, D] result tile at rows row0.. of head (b, h) by TMA through its staging
         buffer, once the previous tile's store has left that buffer (the store itself runs on)."""
@@ -162,6 +191,9 @@ if HAS_GLUON:
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         s_zero = gl.zeros([HALF_M, KN], gl.float32, layout=s_layout)
 
+        if PINGPONG == 2:
+            if WG == 1:  # consumer 0 issues first
+                _turn_pass(turn_bars, WG, PINGPONG)
         it = 0
         n = 0
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
@@ -178,14 +210,12 @@ if HAS_GLUON:
             q = q_smem.index(qs).reshape([HALF_M, BLOCK_D])
             mbarrier.wait(q_bars.index(qs), (n // Q_BUF) & 1)
             if steps > 0:
-                if PINGPONG:
-                    mbarrier.wait(turn_bars.index(WG), it & 1)
+                _turn_wait(turn_bars, it & 1, WG, PINGPONG)
                 s0 = it % NUM_BUF
                 mbarrier.wait(k_bars.index(s0), (it // NUM_BUF) & 1)
                 s_tok = warpgroup_mma(q, k_smem.index(s0).reshape([KN, BLOCK_D]).permute((1, 0)), s_zero,
                                       use_acc=False, is_async=True)
-                if PINGPONG:
-                    mbarrier.arrive(turn_bars.index(1 - WG))
+                _turn_pass(turn_bars, WG, PINGPONG)
                 s = warpgroup_mma_wait(0, deps=(s_tok,))
                 p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, steps, count, kb_last, Lk, qk_scale,
                                                    s_layout, BLOCK_N, PAIR, TAIL)
@@ -194,15 +224,13 @@ if HAS_GLUON:
                     j = it + t
                     slot = j % NUM_BUF
                     prev = (j - 1) % NUM_BUF
-                    if PINGPONG:
-                        mbarrier.wait(turn_bars.index(WG), j & 1)
+                    _turn_wait(turn_bars, j & 1, WG, PINGPONG)
                     mbarrier.wait(k_bars.index(slot), (j // NUM_BUF) & 1)
                     s_tok = warpgroup_mma(q, k_smem.index(slot).reshape([KN, BLOCK_D]).permute((1, 0)), s_zero,
                                           use_acc=False, is_async=True)
                     mbarrier.wait(v_bars.index(prev), ((j - 1) // NUM_BUF) & 1)
                     acc_tok = warpgroup_mma(p, v_smem.index(prev).reshape([KN, BLOCK_D]), acc, is_async=True)
-                    if PINGPONG:
-                        mbarrier.arrive(turn_bars.index(1 - WG))
+                    _turn_pass(turn_bars, WG, PINGPONG)
                     s = warpgroup_mma_wait(1, deps=(s_tok,))
                     p_new, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, t, steps, count, kb_last, Lk, qk_scale,
                                                            s_layout, BLOCK_N, PAIR, TAIL)
@@ -263,7 +291,7 @@ if HAS_GLUON:
             mbarrier.init(k_bars.index(i), count=1)
             mbarrier.init(v_bars.index(i), count=1)
             mbarrier.init(free_bars.index(i), count=2)
-        if PINGPONG:
+        if PINGPONG == 1:
             mbarrier.arrive(turn_bars.index(0))  # consumer 0 issues first
         gl.warp_specialize([
             (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars, turn_bars,
@@ -335,7 +363,7 @@ def launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_count: tor
     _fwd_kernel[(grid,)](
         _descriptor(q, half), _descriptor(k, block_k), _descriptor(v, block_k), _descriptor(o, half),
         lse, row_count, row_index, order, h, lq, lk, tq, tk, num_tiles, scale * LOG2E,
-        BLOCK_N=block_k, BLOCK_D=d, NUM_BUF=cfg["num_buf"], PAIR=cfg["pair"], TAIL=lk % block_k != 0, PINGPONG=bool(cfg["pingpong"]),
+        BLOCK_N=block_k, BLOCK_D=d, NUM_BUF=cfg["num_buf"], PAIR=cfg["pair"], TAIL=lk % block_k != 0, PINGPONG=int(cfg["pingpong"]),
         ORDERED=bool(cfg["lpt"]), Q_BUF=cfg["q_buf"], LOADER_REGS=cfg["loader_regs"], CONSUMER_REGS=cfg["consumer_regs"], num_warps=4,
     )
     return o, lse
