@@ -121,15 +121,14 @@ def main() -> None:
     ap.add_argument("--shapes", default="1,12,32760,128@0.95;1,12,32760,128@0;1,40,75600,128@0.95;1,12,32760,128@0.95@skew",
                     help="B,H,L,D@sparsity[@skew] items separated by ';' (sparsity 0: a dense mask)")
     ap.add_argument("--configs", default="1:3,1:4,2:2", help="pair:num_buf items (K/V tiles of pair * 64 keys, ring slots)")
-    ap.add_argument("--pingpong", default="0,1,2", help="0: none, 1: consumers take turns by mbarrier, 2: by named barrier")
     ap.add_argument("--lpt", default="0,1", help="process tiles heaviest row first (0, 1 or both)")
     ap.add_argument("--q-buf", default="1,2", help="tiles whose Q is in shared memory at once (1, 2 or both)")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--rounds", type=int, default=1, help="time the configurations this many times, alternating order")
     args = ap.parse_args()
-    configs = [{"pair": int(pn.split(":")[0]), "num_buf": int(pn.split(":")[1]), "pingpong": pp, "lpt": lpt, "q_buf": qb}
-               for pn, pp, lpt, qb in itertools.product(args.configs.split(","), *([int(x) for x in a.split(",")]
-                                                                                    for a in (args.pingpong, args.lpt, args.q_buf)))]
+    configs = [{"pair": int(pn.split(":")[0]), "num_buf": int(pn.split(":")[1]), "lpt": lpt, "q_buf": qb}
+               for pn, lpt, qb in itertools.product(args.configs.split(","), *([int(x) for x in a.split(",")]
+                                                                                for a in (args.lpt, args.q_buf)))]
     checked = [c for c in configs if c["lpt"] == 0]
     result = {"environment": environment(torch.device("cuda")), "correctness": [] if args.skip_check else correctness(checked), "timing": []}
     for spec in args.shapes.split(";"):

@@ -12,8 +12,8 @@ path and the path for other GPUs and dtypes). What Gluon adds is explicit contro
   and runs the softmax of step t while PV t-1 is still on the tensor cores (FlashAttention-3's
   intra-warpgroup overlap); P stays in registers as the A operand; O leaves through shared memory and TMA;
 - options, measured in ``benchmarks/NOTES.md``: ``pair`` = 2 takes two kept blocks per step (a 128-key
-  tile), ``pingpong`` makes the two consumers take turns to issue their products (FlashAttention-3's
-  inter-warpgroup schedule).
+  tile). FlashAttention-3's inter-warpgroup ping-pong (the consumers taking turns to issue their products) was
+  measured with mbarriers and with named barriers and bought nothing here, so it is not in the kernel.
 
 Only the last entry of an ascending row list can be the partial key block, and only the last step can hold a
 repeated block (odd lists with ``pair`` = 2), so masking is confined to the last step of a tile.
@@ -139,35 +139,6 @@ if HAS_GLUON:
         return p, m_new, l_i, alpha
 
     @gluon.jit
-    def _named_barrier(ASM: gl.constexpr):
-        """One hardware named-barrier instruction (``bar.sync`` / ``bar.arrive``), once per thread of a warpgroup."""
-        x = gl.arange(0, 128, layout=gl.BlockedLayout([1], [32], [4], [0]))
-        gl.inline_asm_elementwise(ASM, "=r,r", [x], dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
-    def _turn_wait(turn_bars, phase, WG: gl.constexpr, PINGPONG: gl.constexpr):
-        """Wait for this consumer's turn to issue its products (PINGPONG 1: mbarrier, 2: named barrier 8 + WG,
-        256 threads: this warpgroup's 128 plus the other's arrive). Triton's own partitions use barriers 0-2."""
-        if PINGPONG == 1:
-            mbarrier.wait(turn_bars.index(WG), phase)
-        if PINGPONG == 2:
-            if WG == 0:
-                _named_barrier("bar.sync 8, 256; mov.u32 $0, $1;")
-            else:
-                _named_barrier("bar.sync 9, 256; mov.u32 $0, $1;")
-
-    @gluon.jit
-    def _turn_pass(turn_bars, WG: gl.constexpr, PINGPONG: gl.constexpr):
-        """Hand the turn to the other consumer (non-blocking)."""
-        if PINGPONG == 1:
-            mbarrier.arrive(turn_bars.index(1 - WG))
-        if PINGPONG == 2:
-            if WG == 0:
-                _named_barrier("bar.arrive 9, 256; mov.u32 $0, $1;")
-            else:
-                _named_barrier("bar.arrive 8, 256; mov.u32 $0, $1;")
-
-    @gluon.jit
     def _store_rows(desc, staging, val, b, h, row0):
         """Store a consumer's [rows, D] result tile at rows row0.. of head (b, h) by TMA through its staging
         buffer, once the previous tile's store has left that buffer (the store itself runs on)."""
@@ -177,10 +148,10 @@ if HAS_GLUON:
         tma.async_copy_shared_to_global(desc, [b, h, row0, 0], staging)
 
     @gluon.jit
-    def _consumer(o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars, turn_bars,
+    def _consumer(o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars,
                   RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK, num_tiles, qk_scale,
                   WG: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
-                  NUM_BUF: gl.constexpr, PAIR: gl.constexpr, TAIL: gl.constexpr, PINGPONG: gl.constexpr,
+                  NUM_BUF: gl.constexpr, PAIR: gl.constexpr, TAIL: gl.constexpr,
                   ORDERED: gl.constexpr, Q_BUF: gl.constexpr):
         dtype: gl.constexpr = q_smem.dtype
         KN: gl.constexpr = PAIR * BLOCK_N  # keys per step
@@ -191,9 +162,6 @@ if HAS_GLUON:
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         s_zero = gl.zeros([HALF_M, KN], gl.float32, layout=s_layout)
 
-        if PINGPONG == 2:
-            if WG == 1:  # consumer 0 issues first
-                _turn_pass(turn_bars, WG, PINGPONG)
         it = 0
         n = 0
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
@@ -210,12 +178,10 @@ if HAS_GLUON:
             q = q_smem.index(qs).reshape([HALF_M, BLOCK_D])
             mbarrier.wait(q_bars.index(qs), (n // Q_BUF) & 1)
             if steps > 0:
-                _turn_wait(turn_bars, it & 1, WG, PINGPONG)
                 s0 = it % NUM_BUF
                 mbarrier.wait(k_bars.index(s0), (it // NUM_BUF) & 1)
                 s_tok = warpgroup_mma(q, k_smem.index(s0).reshape([KN, BLOCK_D]).permute((1, 0)), s_zero,
                                       use_acc=False, is_async=True)
-                _turn_pass(turn_bars, WG, PINGPONG)
                 s = warpgroup_mma_wait(0, deps=(s_tok,))
                 p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, steps, count, kb_last, Lk, qk_scale,
                                                    s_layout, BLOCK_N, PAIR, TAIL)
@@ -224,13 +190,11 @@ if HAS_GLUON:
                     j = it + t
                     slot = j % NUM_BUF
                     prev = (j - 1) % NUM_BUF
-                    _turn_wait(turn_bars, j & 1, WG, PINGPONG)
                     mbarrier.wait(k_bars.index(slot), (j // NUM_BUF) & 1)
                     s_tok = warpgroup_mma(q, k_smem.index(slot).reshape([KN, BLOCK_D]).permute((1, 0)), s_zero,
                                           use_acc=False, is_async=True)
                     mbarrier.wait(v_bars.index(prev), ((j - 1) // NUM_BUF) & 1)
                     acc_tok = warpgroup_mma(p, v_smem.index(prev).reshape([KN, BLOCK_D]), acc, is_async=True)
-                    _turn_pass(turn_bars, WG, PINGPONG)
                     s = warpgroup_mma_wait(1, deps=(s_tok,))
                     p_new, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, t, steps, count, kb_last, Lk, qk_scale,
                                                            s_layout, BLOCK_N, PAIR, TAIL)
@@ -266,7 +230,7 @@ if HAS_GLUON:
     @gluon.jit
     def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK, num_tiles, qk_scale,
                     BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, NUM_BUF: gl.constexpr, PAIR: gl.constexpr,
-                    TAIL: gl.constexpr, PINGPONG: gl.constexpr, ORDERED: gl.constexpr, Q_BUF: gl.constexpr,
+                    TAIL: gl.constexpr, ORDERED: gl.constexpr, Q_BUF: gl.constexpr,
                     LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         # persistent: each program walks tiles pid, pid + grid, ... (in Order when ORDERED)
         HALF_M: gl.constexpr = q_desc.block_type.shape[2]
@@ -278,36 +242,31 @@ if HAS_GLUON:
         v_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, 1, 1, PAIR * BLOCK_N, BLOCK_D], v_desc.layout)
         q_bars = gl.allocate_shared_memory(gl.int64, [2 * Q_BUF, 1], mbarrier.MBarrierLayout())
         q_free = gl.allocate_shared_memory(gl.int64, [2 * Q_BUF, 1], mbarrier.MBarrierLayout())
-        turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_bars = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
         v_bars = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
         free_bars = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2 * Q_BUF):
             mbarrier.init(q_bars.index(i), count=1)
             mbarrier.init(q_free.index(i), count=1)
-        for i in gl.static_range(2):
-            mbarrier.init(turn_bars.index(i), count=1)
         for i in gl.static_range(NUM_BUF):
             mbarrier.init(k_bars.index(i), count=1)
             mbarrier.init(v_bars.index(i), count=1)
             mbarrier.init(free_bars.index(i), count=2)
-        if PINGPONG == 1:
-            mbarrier.arrive(turn_bars.index(0))  # consumer 0 issues first
         gl.warp_specialize([
-            (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars, turn_bars,
+            (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars,
                          RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK, num_tiles, qk_scale,
-                         0, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF, PAIR, TAIL, PINGPONG, ORDERED, Q_BUF)),
-            (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars, turn_bars,
+                         0, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF, PAIR, TAIL, ORDERED, Q_BUF)),
+            (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars,
                          RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK, num_tiles, qk_scale,
-                         1, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF, PAIR, TAIL, PINGPONG, ORDERED, Q_BUF)),
+                         1, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF, PAIR, TAIL, ORDERED, Q_BUF)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars,
                        RowCount, RowIndex, Order, H, TQ, TK, num_tiles, HALF_M, BLOCK_N, NUM_BUF, PAIR, ORDERED, Q_BUF)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
 # Launch configuration, tuned on an H100 (`benchmarks/tune_hopper_fwd.py`, benchmarks/NOTES.md): ring slots,
-# kept blocks per step, consumer ping-pong, heaviest-row-first order, tiles' Q in flight, setmaxnreg budgets.
-HOPPER_FWD_CONFIG: dict[str, int] = {"num_buf": 3, "pair": 1, "pingpong": 0, "lpt": 0, "q_buf": 1,
+# kept blocks per step, heaviest-row-first order, tiles' Q in flight, setmaxnreg budgets.
+HOPPER_FWD_CONFIG: dict[str, int] = {"num_buf": 3, "pair": 1, "lpt": 0, "q_buf": 1,
                                       "loader_regs": 24, "consumer_regs": 232}
 
 
@@ -363,7 +322,7 @@ def launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_count: tor
     _fwd_kernel[(grid,)](
         _descriptor(q, half), _descriptor(k, block_k), _descriptor(v, block_k), _descriptor(o, half),
         lse, row_count, row_index, order, h, lq, lk, tq, tk, num_tiles, scale * LOG2E,
-        BLOCK_N=block_k, BLOCK_D=d, NUM_BUF=cfg["num_buf"], PAIR=cfg["pair"], TAIL=lk % block_k != 0, PINGPONG=int(cfg["pingpong"]),
+        BLOCK_N=block_k, BLOCK_D=d, NUM_BUF=cfg["num_buf"], PAIR=cfg["pair"], TAIL=lk % block_k != 0,
         ORDERED=bool(cfg["lpt"]), Q_BUF=cfg["q_buf"], LOADER_REGS=cfg["loader_regs"], CONSUMER_REGS=cfg["consumer_regs"], num_warps=4,
     )
     return o, lse
