@@ -167,6 +167,8 @@ def bisect() -> None:
 
 
 def _bisect_one(steps: str) -> None:
+    from sparge.bench import capture_graph
+
     x = FwdBwd(40, 75600, seed=0, prebuilt=True)
     build = lambda: build_block_mask(x.q, x.k, **KNOBS)  # noqa: E731
     bm = x.bm
@@ -174,16 +176,7 @@ def _bisect_one(steps: str) -> None:
     bench = lambda f: do_bench(f, warmup=25, rep=100, return_mode="median")  # noqa: E731
 
     def graph(fn) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        bench(g.replay)
+        bench(capture_graph(fn, torch.device("cuda")).replay)
 
     def peak() -> None:
         x.total()

@@ -20,7 +20,7 @@ import torch
 from triton.testing import do_bench
 
 import sparge
-from sparge.bench import Shape, environment
+from sparge.bench import Shape, capture_graph, environment
 from sparge.kernels.mask_lut import SCORES_CONFIG, pooled_logits, select_blocks, select_warps
 from sparge.kernels.pool import block_mean_pair
 
@@ -46,15 +46,7 @@ def profile_one(shape: Shape, sparsity: float) -> dict:
     res["host_us_per_build"] = (time.perf_counter() - t0) / n * 1e6
     torch.cuda.synchronize()
     del big
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            build()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        build()
+    graph = capture_graph(build, dev)
     res["graph_ms"] = do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
     # per-kernel device times
     for _ in range(3):

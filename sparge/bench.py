@@ -120,6 +120,20 @@ def _timer(device: torch.device, warmup_ms: int, rep_ms: int) -> Callable[[Calla
     return cpu_time
 
 
+def capture_graph(fn: Callable[[], object], device: torch.device) -> "torch.cuda.CUDAGraph":
+    """``fn`` captured in a CUDA graph after 3 warm-up calls on a side stream (as torch's docs ask)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> float | None:
     """bf16 matrix-product rate measured now on random data (the ceiling to compare against)."""
     if device.type != "cuda":
@@ -211,16 +225,7 @@ def bench_attention(
         """Median time of ``fn`` replayed from a CUDA graph: device time without host launch overhead."""
         if device.type != "cuda":
             return None
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return timer(graph.replay)
+        return timer(capture_graph(fn, device).replay)
 
     def record(method, sparsity, measured, passname, ms, pairs, mask_ms=None, mem=None, total_ms=None):
         mult = 4 * shape.d * (3.5 if passname == "fwd+bwd" else 1.0)
