@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from cli_helpers import one_error_line
 from typer.testing import CliRunner
 
 from sparge.bench import _timer
@@ -16,14 +17,6 @@ pytestmark = pytest.mark.usefixtures("plain_torch_on_cpu")  # see conftest: the 
 runner = CliRunner()
 TINY = ["bench", "--device", "cpu", "--shape", "1x2x300x64", "--sparsity", "0.5", "--methods", "sdpa,sparge",
         "--dtype", "fp32", "--warmup-ms", "0", "--rep-ms", "1"]
-
-
-def one_error_line(r, code: int, *needles: str) -> None:
-    assert r.exit_code == code, r.output
-    lines = [x for x in r.output.strip().splitlines() if x.strip()]
-    assert len(lines) == 1 and "Traceback" not in r.output, r.output
-    for n in needles:
-        assert n in r.output, r.output
 
 
 def test_bench_cpu_json_rows_and_atomic_out(tmp_path):

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from cli_helpers import one_error_line
 from typer.testing import CliRunner
 
 from sparge.presets import load_preset
@@ -40,14 +41,6 @@ def _preset(tmp_path: Path, model: Path, name: str = "tiny.yaml") -> Path:
 def _json(result) -> dict:
     out = result.stdout
     return json.loads(out[out.index("{"):])
-
-
-def _one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    err = result.stderr.strip()
-    assert "Traceback" not in result.output and len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
 
 
 def test_calibrate_writes_levels_and_generate_uses_them(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
@@ -86,7 +79,7 @@ def test_dry_run_and_unreachable_write_nothing(tiny_pipeline_dir: Path, tmp_path
     assert "dry run: nothing written" in text and "chosen" in text
     assert preset.read_bytes() == before
     r = runner.invoke(app, ["calibrate", "--preset", str(preset), "--target", "0.99", *FAST])
-    _one_line_error(r, "0.99", "closest reachable")
+    one_error_line(r, 2, "0.99", "closest reachable", after_work=True)
     assert preset.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
 
@@ -101,7 +94,7 @@ def test_out_creates_a_new_preset_and_refuses_to_overwrite(tiny_pipeline_dir: Pa
     assert (pr.model, pr.height, pr.width, pr.frames, pr.block_q, pr.block_k) == (str(tiny_pipeline_dir), 128, 160, 9, 32, 16)
     assert abs(pr.level(0.6).measured_sparsity - 0.6) <= 0.005
     before = out.read_bytes()
-    _one_line_error(runner.invoke(app, args), "already exists", "--overwrite")
+    one_error_line(runner.invoke(app, args), 2, "already exists", "--overwrite")
     assert out.read_bytes() == before
 
 
@@ -123,14 +116,14 @@ def test_bad_input_is_one_line_exit_2(tiny_pipeline_dir: Path, tmp_path: Path, e
     preset = _preset(tmp_path, tiny_pipeline_dir)
     before = preset.read_bytes()
     r = runner.invoke(app, ["calibrate", "--preset", str(preset), *FAST, *extra])  # extra last: its values win
-    _one_line_error(r, *(needles or ["--layers '0,9'", "0..1"]))
+    one_error_line(r, 2, *(needles or ["--layers '0,9'", "0..1"]))
     assert preset.read_bytes() == before
 
 
 def test_missing_model_and_unwritable_preset(tmp_path: Path, tiny_pipeline_dir: Path) -> None:
     r = runner.invoke(app, ["calibrate", "--model", str(tmp_path / "no-such-model"), "--height", "128", "--width", "160",
                             "--frames", "9", "--target", "0.6", "--out", str(tmp_path / "x.yaml"), *FAST])
-    _one_line_error(r, "no-such-model", "does not exist")
+    one_error_line(r, 2, "no-such-model", "does not exist")
     assert not (tmp_path / "x.yaml").exists()
     if os.geteuid() == 0:
         pytest.skip("root can write anywhere: the unwritable-preset check cannot be exercised")
@@ -140,6 +133,6 @@ def test_missing_model_and_unwritable_preset(tmp_path: Path, tiny_pipeline_dir: 
     d.chmod(0o555)
     try:
         r = runner.invoke(app, ["calibrate", "--preset", str(preset), "--target", "0.6", *FAST])
-        _one_line_error(r, "cannot write preset", "--out")
+        one_error_line(r, 2, "cannot write preset", "--out")
     finally:
         d.chmod(0o755)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import one_error_line
 from test_distill import F, H, W, write_clips
 from typer.testing import CliRunner
 
@@ -46,14 +47,6 @@ def cache(preset, tmp_path_factory) -> Path:
 def train_args(preset: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["finetune", "--preset", str(preset), "--sparsity", "0.75", "--data", str(data), "--out", str(out),
             "--steps", "2", "--batch-size", "2", "--lr", "1e-4", "--save-every", "1", "--dtype", "fp32", "--device", "cpu", *extra]
-
-
-def one_error_line(r, code: int, *needles: str) -> None:
-    assert r.exit_code == code, r.output
-    lines = [x for x in r.output.strip().splitlines() if x.strip()]
-    assert len(lines) == 1 and "Traceback" not in r.output, r.output
-    for n in needles:
-        assert n in r.output, r.output
 
 
 def test_train_then_generate_with_the_checkpoint(preset, cache, tiny_pipeline_dir, tmp_path):

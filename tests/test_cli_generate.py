@@ -11,6 +11,7 @@ import pytest
 import torch
 import typer
 import yaml
+from cli_helpers import one_error_line
 from typer.testing import CliRunner
 
 from sparge_cli.generate import register
@@ -59,14 +60,6 @@ def _video(path: Path) -> np.ndarray:
     return iio.imread(path, plugin="FFMPEG")
 
 
-def _one_error_line(result, code: int = 2) -> str:
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, result.output
-    return " ".join(result.output.split())  # rich may wrap the one line on a narrow terminal
-
-
 def test_generate_sparse_writes_playable_mp4_and_sidecar(preset_file, tmp_path):
     out = tmp_path / "cat.mp4"
     r = run("--prompt", "a red cat runs", "--negative-prompt", "dark", "--preset", str(preset_file), "--sparsity", "0.5",
@@ -89,7 +82,7 @@ def test_generate_sparse_writes_playable_mp4_and_sidecar(preset_file, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp files left behind"
 
     again = run("--prompt", "a red cat runs", "--preset", str(preset_file), "--out", str(out), *TINY)
-    msg = _one_error_line(again)
+    msg = one_error_line(again)
     assert "already exists" in msg and "--overwrite" in msg
 
 
@@ -130,7 +123,7 @@ def test_checkpoint_is_loaded(tiny_pipeline_dir, tmp_path):
     assert diff > 1.0
 
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
-    msg = _one_error_line(run(*base, "--checkpoint", str(tmp_path / "junk.safetensors"), "--out", str(tmp_path / "j.mp4")))
+    msg = one_error_line(run(*base, "--checkpoint", str(tmp_path / "junk.safetensors"), "--out", str(tmp_path / "j.mp4")))
     assert "not a safetensors file" in msg
 
 
@@ -148,7 +141,7 @@ def test_topk_topp_override_runs_a_model_without_preset(tiny_pipeline_dir, tmp_p
 
 
 def test_error_model_path_missing(tmp_path):
-    msg = _one_error_line(run("--prompt", "x", "--model", str(tmp_path / "nowhere"), "--dense", *TINY, "--out", str(tmp_path / "a.mp4")))
+    msg = one_error_line(run("--prompt", "x", "--model", str(tmp_path / "nowhere"), "--dense", *TINY, "--out", str(tmp_path / "a.mp4")))
     assert "does not exist" in msg and "huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in msg
 
 
@@ -156,19 +149,19 @@ def test_error_model_not_a_wan_checkpoint(tmp_path):
     d = tmp_path / "flux"
     d.mkdir()
     (d / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    msg = _one_error_line(run("--prompt", "x", "--model", str(d), "--dense", *TINY, "--out", str(tmp_path / "a.mp4")))
+    msg = one_error_line(run("--prompt", "x", "--model", str(d), "--dense", *TINY, "--out", str(tmp_path / "a.mp4")))
     assert "FluxPipeline" in msg and "huggingface-cli download" in msg
-    msg = _one_error_line(run("--prompt", "x", "--model", str(tmp_path), "--dense", *TINY, "--out", str(tmp_path / "a.mp4")))
+    msg = one_error_line(run("--prompt", "x", "--model", str(tmp_path), "--dense", *TINY, "--out", str(tmp_path / "a.mp4")))
     assert "no model_index.json" in msg
 
 
 def test_error_sparsity_without_level(preset_file, tmp_path):
-    msg = _one_error_line(run("--prompt", "x", "--preset", str(preset_file), "--sparsity", "0.9", *TINY, "--out", str(tmp_path / "a.mp4")))
+    msg = one_error_line(run("--prompt", "x", "--preset", str(preset_file), "--sparsity", "0.9", *TINY, "--out", str(tmp_path / "a.mp4")))
     assert "no level for sparsity 0.9" in msg and "0.01, 0.5" in msg and "sparge calibrate" in msg and "--target 0.9" in msg
 
 
 def test_error_no_preset_for_model(tiny_pipeline_dir, tmp_path):
-    msg = _one_error_line(run("--prompt", "x", "--model", str(tiny_pipeline_dir), *TINY, "--out", str(tmp_path / "a.mp4")))
+    msg = one_error_line(run("--prompt", "x", "--model", str(tiny_pipeline_dir), *TINY, "--out", str(tmp_path / "a.mp4")))
     assert "no shipped preset" in msg and "--topk/--topp" in msg and "wan2.1-t2v-1.3b-480p" in msg
 
 
@@ -189,32 +182,32 @@ def test_error_no_preset_for_model(tiny_pipeline_dir, tmp_path):
 )
 def test_error_bad_options(preset_file, tmp_path, args, needle):
     base = ["--prompt", "x", "--preset", str(preset_file), "--device", "cpu", "--out", str(tmp_path / "a.mp4")]
-    msg = _one_error_line(run(*base, *args))
+    msg = one_error_line(run(*base, *args))
     assert needle in msg
 
 
 def test_error_output_path(preset_file, tmp_path):
     base = ["--prompt", "x", "--preset", str(preset_file), *TINY]
-    msg = _one_error_line(run(*base, "--out", str(tmp_path / "missing-dir" / "a.mp4")))
+    msg = one_error_line(run(*base, "--out", str(tmp_path / "missing-dir" / "a.mp4")))
     assert "does not exist" in msg and "missing-dir" in msg
-    msg = _one_error_line(run(*base, "--out", str(tmp_path / "a.gif")))
+    msg = one_error_line(run(*base, "--out", str(tmp_path / "a.gif")))
     assert "must end in .mp4" in msg
     (tmp_path / "d.mp4").mkdir()
-    msg = _one_error_line(run(*base, "--out", str(tmp_path / "d.mp4"), "--overwrite"))
+    msg = one_error_line(run(*base, "--out", str(tmp_path / "d.mp4"), "--overwrite"))
     assert "is a directory" in msg
     (tmp_path / "b.json").write_text("{}")
-    msg = _one_error_line(run(*base, "--out", str(tmp_path / "b.mp4")))
+    msg = one_error_line(run(*base, "--out", str(tmp_path / "b.mp4")))
     assert "sidecar" in msg and "already exists" in msg
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_error_no_cuda(preset_file, tmp_path):
     base = ["--prompt", "x", "--preset", str(preset_file), "--out", str(tmp_path / "a.mp4")]
-    msg = _one_error_line(run(*base))
+    msg = one_error_line(run(*base))
     assert "no CUDA GPU" in msg and "--device cpu" in msg
-    msg = _one_error_line(run(*base, "--device", "cuda"))
+    msg = one_error_line(run(*base, "--device", "cuda"))
     assert "needs a CUDA GPU" in msg and "--device cpu" in msg
-    msg = _one_error_line(run(*base, "--device", "cpu", "--cpu-offload"))
+    msg = one_error_line(run(*base, "--device", "cpu", "--cpu-offload"))
     assert "CUDA" in msg
 
 
