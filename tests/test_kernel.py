@@ -291,14 +291,14 @@ def _hopper_gluon() -> bool:
 
 
 @pytest.mark.skipif(not _hopper_gluon(), reason="the Gluon forward kernel runs on Hopper GPUs only")
-@pytest.mark.parametrize("config", [{}, {"q_buf": 2}, {"pair": 2, "num_buf": 2}, {"lpt": 1}])
+@pytest.mark.parametrize("config", [{}, {"q_buf": 2}, {"pair": 2, "num_buf": 2}, {"lpt": 1}, {"xt": 1, "q_buf": 2}, {"xt": 1, "q_buf": 2, "pair": 2, "num_buf": 2}])
 @pytest.mark.parametrize(
     "b,h,lq,lk,d,dtype,density",
     [
         (1, 2, 300, 200, 128, torch.bfloat16, 0.5),   # partial blocks on both sides, odd row lists
         (2, 3, 1000, 777, 64, torch.float16, 0.3),    # D = 64, fp16
         (1, 1, 130, 70, 128, torch.bfloat16, 1.0),    # one-token tails, dense
-        (1, 2, 2048, 4096, 128, torch.bfloat16, 0.1), # many tiles per program
+        (1, 12, 2048, 4096, 128, torch.bfloat16, 0.1),  # 192 tiles: more than one per program on 132 SMs
     ],
 )
 def test_gpu_hopper_forward_matches_reference(config, b, h, lq, lk, d, dtype, density):
@@ -331,7 +331,7 @@ def test_gpu_hopper_forward_matches_reference(config, b, h, lq, lk, d, dtype, de
         (1, 2, 300, 200, 128, torch.bfloat16, 0.5),   # partial blocks on both sides
         (2, 3, 1000, 777, 64, torch.float16, 0.3),    # D = 64, fp16, strided [B, L, H, D] views as diffusers passes
         (1, 1, 130, 70, 128, torch.bfloat16, 1.0),    # one-token tails, dense
-        (1, 2, 4096, 2048, 128, torch.bfloat16, 0.1), # many tiles per program, long column lists
+        (1, 12, 4096, 2048, 128, torch.bfloat16, 0.1),  # 384 dQ tiles, 384 dK/dV tiles: several per program
     ],
 )
 def test_gpu_hopper_backward_matches_reference(dkdv_cfg, dq_cfg, b, h, lq, lk, d, dtype, density):
