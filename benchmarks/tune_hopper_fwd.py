@@ -123,13 +123,12 @@ def main() -> None:
     ap.add_argument("--configs", default="1:3,1:4,2:2", help="pair:num_buf items (K/V tiles of pair * 64 keys, ring slots)")
     ap.add_argument("--lpt", default="0,1", help="process tiles heaviest row first (0, 1 or both)")
     ap.add_argument("--q-buf", default="1,2", help="tiles whose Q is in shared memory at once (1, 2 or both)")
-    ap.add_argument("--xt", default="0,1", help="cross-tile: a tile's last PV issued with the next tile's first scores (0, 1 or both)")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--rounds", type=int, default=1, help="time the configurations this many times, alternating order")
     args = ap.parse_args()
-    configs = [{"pair": int(pn.split(":")[0]), "num_buf": int(pn.split(":")[1]), "lpt": lpt, "q_buf": qb, "xt": xt}
-               for pn, lpt, qb, xt in itertools.product(args.configs.split(","), *([int(x) for x in a.split(",")]
-                                                                                    for a in (args.lpt, args.q_buf, args.xt)))]
+    configs = [{"pair": int(pn.split(":")[0]), "num_buf": int(pn.split(":")[1]), "lpt": lpt, "q_buf": qb}
+               for pn, lpt, qb in itertools.product(args.configs.split(","), *([int(x) for x in a.split(",")]
+                                                                                for a in (args.lpt, args.q_buf)))]
     checked = [c for c in configs if c["lpt"] == 0]
     result = {"environment": environment(torch.device("cuda")), "correctness": [] if args.skip_check else correctness(checked), "timing": []}
     for spec in args.shapes.split(";"):

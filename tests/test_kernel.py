@@ -291,7 +291,7 @@ def _hopper_gluon() -> bool:
 
 
 @pytest.mark.skipif(not _hopper_gluon(), reason="the Gluon forward kernel runs on Hopper GPUs only")
-@pytest.mark.parametrize("config", [{}, {"q_buf": 2}, {"pair": 2, "num_buf": 2}, {"lpt": 1}, {"xt": 1, "q_buf": 2}, {"xt": 1, "q_buf": 2, "pair": 2, "num_buf": 2}])
+@pytest.mark.parametrize("config", [{}, {"q_buf": 2}, {"pair": 2, "num_buf": 2}, {"lpt": 1}])
 @pytest.mark.parametrize(
     "b,h,lq,lk,d,dtype,density",
     [

@@ -148,53 +148,11 @@ if HAS_GLUON:
         tma.async_copy_shared_to_global(desc, [b, h, row0, 0], staging)
 
     @gluon.jit
-    def _epilogue(acc, m_i, l_i, pid_m, pid_bh, o_desc, o_staging, LSE, H, Lq,
-                  WG: gl.constexpr, HALF_M: gl.constexpr, row_o: gl.constexpr):
-        l_o = gl.convert_layout(l_i, row_o)
-        nonempty = l_o > 0.0
-        l_safe = gl.where(nonempty, l_o, 1.0)
-        out = acc / l_safe[:, None]
-        m_o = gl.convert_layout(m_i, row_o)
-        lse = gl.where(nonempty, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        row0 = (2 * pid_m + WG) * HALF_M
-        offs_m = row0 + gl.arange(0, HALF_M, layout=row_o)
-        gl.store(LSE + pid_bh.to(gl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
-        _store_rows(o_desc, o_staging, out.to(o_staging.dtype), pid_bh // H, pid_bh % H, row0)
-
-    @gluon.jit
-    def _middle_steps(q, acc, p, m_i, l_i, k_smem, v_smem, k_bars, v_bars, free_bars, it, steps, count, kb_last, Lk,
-                      qk_scale, s_zero, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
-                      BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, NUM_BUF: gl.constexpr, PAIR: gl.constexpr,
-                      TAIL: gl.constexpr):
-        """Steps 1 .. steps-1 of a tile: scores of step t and PV of step t-1 in flight together, the softmax of
-        step t under PV t-1. Returns the state with PV of the last step still to do."""
-        dtype: gl.constexpr = q.dtype
-        KN: gl.constexpr = PAIR * BLOCK_N
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        for t in range(1, steps):
-            j = it + t
-            slot = j % NUM_BUF
-            prev = (j - 1) % NUM_BUF
-            mbarrier.wait(k_bars.index(slot), (j // NUM_BUF) & 1)
-            s_tok = warpgroup_mma(q, k_smem.index(slot).reshape([KN, BLOCK_D]).permute((1, 0)), s_zero,
-                                  use_acc=False, is_async=True)
-            mbarrier.wait(v_bars.index(prev), ((j - 1) // NUM_BUF) & 1)
-            acc_tok = warpgroup_mma(p, v_smem.index(prev).reshape([KN, BLOCK_D]), acc, is_async=True)
-            s = warpgroup_mma_wait(1, deps=(s_tok,))
-            p_new, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, t, steps, count, kb_last, Lk, qk_scale,
-                                                   s_layout, BLOCK_N, PAIR, TAIL)
-            acc, p = warpgroup_mma_wait(0, deps=(acc_tok, p))
-            mbarrier.arrive(free_bars.index(prev))
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            p = gl.convert_layout(p_new.to(dtype), p_layout)
-        return acc, p, m_i, l_i
-
-    @gluon.jit
     def _consumer(o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars,
                   RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK, num_tiles, qk_scale,
                   WG: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
                   NUM_BUF: gl.constexpr, PAIR: gl.constexpr, TAIL: gl.constexpr,
-                  ORDERED: gl.constexpr, Q_BUF: gl.constexpr, XT: gl.constexpr):
+                  ORDERED: gl.constexpr, Q_BUF: gl.constexpr):
         dtype: gl.constexpr = q_smem.dtype
         KN: gl.constexpr = PAIR * BLOCK_N  # keys per step
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, KN, 16])
@@ -204,17 +162,6 @@ if HAS_GLUON:
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         s_zero = gl.zeros([HALF_M, KN], gl.float32, layout=s_layout)
 
-        m_init = gl.full([HALF_M], float("-inf"), gl.float32, layout=row_s)
-        l_init = gl.zeros([HALF_M], gl.float32, layout=row_s)
-        acc_zero = gl.zeros([HALF_M, BLOCK_D], gl.float32, layout=o_layout)
-        acc = acc_zero
-        m_i = m_init
-        l_i = l_init
-        p = gl.convert_layout(s_zero.to(dtype), p_layout)
-        o_staging = o_smem.index(WG)
-        pend = gl.program_id(0) * 0
-        pend_m = pend
-        pend_bh = pend
         it = 0
         n = 0
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
@@ -224,6 +171,9 @@ if HAS_GLUON:
             idx_ptr = RowIndex + lut_row * TK
             steps = (count + PAIR - 1) // PAIR
             kb_last = gl.load(idx_ptr + count - 1, mask=count > 0, other=0)
+            m_i = gl.full([HALF_M], float("-inf"), gl.float32, layout=row_s)
+            l_i = gl.zeros([HALF_M], gl.float32, layout=row_s)
+            acc = gl.zeros([HALF_M, BLOCK_D], gl.float32, layout=o_layout)
             qs = (n % Q_BUF) * 2 + WG
             q = q_smem.index(qs).reshape([HALF_M, BLOCK_D])
             mbarrier.wait(q_bars.index(qs), (n // Q_BUF) & 1)
@@ -232,58 +182,55 @@ if HAS_GLUON:
                 mbarrier.wait(k_bars.index(s0), (it // NUM_BUF) & 1)
                 s_tok = warpgroup_mma(q, k_smem.index(s0).reshape([KN, BLOCK_D]).permute((1, 0)), s_zero,
                                       use_acc=False, is_async=True)
-                if XT and pend != 0:  # finish the previous tile under this tile's first softmax
-                    prev = (it - 1) % NUM_BUF
-                    mbarrier.wait(v_bars.index(prev), ((it - 1) // NUM_BUF) & 1)
+                s = warpgroup_mma_wait(0, deps=(s_tok,))
+                p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, steps, count, kb_last, Lk, qk_scale,
+                                                   s_layout, BLOCK_N, PAIR, TAIL)
+                p = gl.convert_layout(p.to(dtype), p_layout)
+                for t in range(1, steps):
+                    j = it + t
+                    slot = j % NUM_BUF
+                    prev = (j - 1) % NUM_BUF
+                    mbarrier.wait(k_bars.index(slot), (j // NUM_BUF) & 1)
+                    s_tok = warpgroup_mma(q, k_smem.index(slot).reshape([KN, BLOCK_D]).permute((1, 0)), s_zero,
+                                          use_acc=False, is_async=True)
+                    mbarrier.wait(v_bars.index(prev), ((j - 1) // NUM_BUF) & 1)
                     acc_tok = warpgroup_mma(p, v_smem.index(prev).reshape([KN, BLOCK_D]), acc, is_async=True)
                     s = warpgroup_mma_wait(1, deps=(s_tok,))
-                    p_new, m_new, l_new, alpha = _softmax_step(s, m_init, l_init, 0, steps, count, kb_last, Lk,
-                                                               qk_scale, s_layout, BLOCK_N, PAIR, TAIL)
+                    p_new, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, t, steps, count, kb_last, Lk, qk_scale,
+                                                           s_layout, BLOCK_N, PAIR, TAIL)
                     acc, p = warpgroup_mma_wait(0, deps=(acc_tok, p))
                     mbarrier.arrive(free_bars.index(prev))
-                    _epilogue(acc, m_i, l_i, pend_m, pend_bh, o_desc, o_staging, LSE, H, Lq, WG, HALF_M, row_o)
-                else:
-                    s = warpgroup_mma_wait(0, deps=(s_tok,))
-                    p_new, m_new, l_new, alpha = _softmax_step(s, m_init, l_init, 0, steps, count, kb_last, Lk,
-                                                               qk_scale, s_layout, BLOCK_N, PAIR, TAIL)
-                p = gl.convert_layout(p_new.to(dtype), p_layout)
-                m_i = m_new
-                l_i = l_new
-                acc, p, m_i, l_i = _middle_steps(q, acc_zero, p, m_i, l_i, k_smem, v_smem, k_bars, v_bars,
-                                                 free_bars, it, steps, count, kb_last, Lk, qk_scale, s_zero,
-                                                 s_layout, o_layout, p_layout, BLOCK_N, BLOCK_D, NUM_BUF, PAIR, TAIL)
-                # every score product of this tile is done: Q's slot goes back to the loader
+                    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                    p = gl.convert_layout(p_new.to(dtype), p_layout)
+                j = it + steps - 1
+                last = j % NUM_BUF
+                mbarrier.wait(v_bars.index(last), (j // NUM_BUF) & 1)
+                acc_tok = warpgroup_mma(p, v_smem.index(last).reshape([KN, BLOCK_D]), acc, is_async=True)
+                # the last score product is done: Q's slot goes back to the loader under the last PV
                 mbarrier.arrive(q_free.index(qs))
-                if XT:
-                    pend = pend * 0 + 1
-                    pend_m = pid_m
-                    pend_bh = pid_bh
-                else:
-                    j = it + steps - 1
-                    last = j % NUM_BUF
-                    mbarrier.wait(v_bars.index(last), (j // NUM_BUF) & 1)
-                    acc_tok = warpgroup_mma(p, v_smem.index(last).reshape([KN, BLOCK_D]), acc, is_async=True)
-                    acc = warpgroup_mma_wait(0, deps=(acc_tok,))
-                    mbarrier.arrive(free_bars.index(last))
-                    _epilogue(acc, m_i, l_i, pid_m, pid_bh, o_desc, o_staging, LSE, H, Lq, WG, HALF_M, row_o)
+                acc = warpgroup_mma_wait(0, deps=(acc_tok,))
+                mbarrier.arrive(free_bars.index(last))
             else:
                 mbarrier.arrive(q_free.index(qs))
-                _epilogue(acc_zero, m_init, l_init, pid_m, pid_bh, o_desc, o_staging, LSE, H, Lq, WG, HALF_M, row_o)
+
+            l_o = gl.convert_layout(l_i, row_o)
+            nonempty = l_o > 0.0
+            l_safe = gl.where(nonempty, l_o, 1.0)
+            out = acc / l_safe[:, None]
+            m_o = gl.convert_layout(m_i, row_o)
+            lse = gl.where(nonempty, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+            row0 = (2 * pid_m + WG) * HALF_M
+            offs_m = row0 + gl.arange(0, HALF_M, layout=row_o)
+            gl.store(LSE + pid_bh.to(gl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
+            _store_rows(o_desc, o_smem.index(WG), out.to(dtype), pid_bh // H, pid_bh % H, row0)
             it += steps
             n += 1
-        if XT and pend != 0:
-            last = (it - 1) % NUM_BUF
-            mbarrier.wait(v_bars.index(last), ((it - 1) // NUM_BUF) & 1)
-            acc_tok = warpgroup_mma(p, v_smem.index(last).reshape([KN, BLOCK_D]), acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(acc_tok,))
-            mbarrier.arrive(free_bars.index(last))
-            _epilogue(acc, m_i, l_i, pend_m, pend_bh, o_desc, o_staging, LSE, H, Lq, WG, HALF_M, row_o)
         tma.store_wait(0)
 
     @gluon.jit
     def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK, num_tiles, qk_scale,
                     BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, NUM_BUF: gl.constexpr, PAIR: gl.constexpr,
-                    TAIL: gl.constexpr, ORDERED: gl.constexpr, Q_BUF: gl.constexpr, XT: gl.constexpr,
+                    TAIL: gl.constexpr, ORDERED: gl.constexpr, Q_BUF: gl.constexpr,
                     LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         # persistent: each program walks tiles pid, pid + grid, ... (in Order when ORDERED)
         HALF_M: gl.constexpr = q_desc.block_type.shape[2]
@@ -308,10 +255,10 @@ if HAS_GLUON:
         gl.warp_specialize([
             (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars,
                          RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK, num_tiles, qk_scale,
-                         0, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF, PAIR, TAIL, ORDERED, Q_BUF, XT)),
+                         0, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF, PAIR, TAIL, ORDERED, Q_BUF)),
             (_consumer, (o_desc, LSE, q_smem, o_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars,
                          RowCount, RowIndex, Order, H, Lq, Lk, TQ, TK, num_tiles, qk_scale,
-                         1, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF, PAIR, TAIL, ORDERED, Q_BUF, XT)),
+                         1, HALF_M, BLOCK_N, BLOCK_D, NUM_BUF, PAIR, TAIL, ORDERED, Q_BUF)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, free_bars,
                        RowCount, RowIndex, Order, H, TQ, TK, num_tiles, HALF_M, BLOCK_N, NUM_BUF, PAIR, ORDERED, Q_BUF)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
@@ -319,7 +266,7 @@ if HAS_GLUON:
 
 # Launch configuration, tuned on an H100 (`benchmarks/tune_hopper_fwd.py`, benchmarks/NOTES.md): ring slots,
 # kept blocks per step, heaviest-row-first order, tiles' Q in flight, setmaxnreg budgets.
-HOPPER_FWD_CONFIG: dict[str, int] = {"num_buf": 3, "pair": 1, "lpt": 0, "q_buf": 1, "xt": 0,
+HOPPER_FWD_CONFIG: dict[str, int] = {"num_buf": 3, "pair": 1, "lpt": 0, "q_buf": 1,
                                       "loader_regs": 24, "consumer_regs": 232}
 
 
@@ -376,7 +323,7 @@ def launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_count: tor
         _descriptor(q, half), _descriptor(k, block_k), _descriptor(v, block_k), _descriptor(o, half),
         lse, row_count, row_index, order, h, lq, lk, tq, tk, num_tiles, scale * LOG2E,
         BLOCK_N=block_k, BLOCK_D=d, NUM_BUF=cfg["num_buf"], PAIR=cfg["pair"], TAIL=lk % block_k != 0,
-        ORDERED=bool(cfg["lpt"]), Q_BUF=cfg["q_buf"], XT=bool(cfg["xt"]), LOADER_REGS=cfg["loader_regs"], CONSUMER_REGS=cfg["consumer_regs"], num_warps=4,
+        ORDERED=bool(cfg["lpt"]), Q_BUF=cfg["q_buf"], LOADER_REGS=cfg["loader_regs"], CONSUMER_REGS=cfg["consumer_regs"], num_warps=4,
     )
     return o, lse
 
