@@ -11,24 +11,12 @@ import argparse
 import cProfile
 import io
 import pstats
-import time
 
 import torch
 
 from sparge.attention import block_sparse_attention
+from sparge.bench import host_ms_per_call
 from sparge.mask import build_block_mask
-
-
-def host_ms(fn, calls: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(0.5 * torch.cuda.clock_rate() * 1e6))  # ~0.5 s of device work ahead of the calls
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - t) / calls * 1e3
-    torch.cuda.synchronize()
-    return host
 
 
 def main() -> None:
@@ -52,16 +40,9 @@ def main() -> None:
                  "fwd total": lambda: block_sparse_attention(q, k, v, build_block_mask(q, k, **knobs)),
                  "fwd+bwd total": fwd_bwd_total}
         for name, fn in calls.items():
-            print(f"sparsity {s}: {name}: host {host_ms(fn, args.calls):.3f} ms per call", flush=True)
+            print(f"sparsity {s}: {name}: host {host_ms_per_call(fn, args.calls):.3f} ms per call", flush=True)
         prof = cProfile.Profile()
-        fwd_bwd_total()
-        torch.cuda.synchronize()
-        torch.cuda._sleep(int(0.5 * torch.cuda.clock_rate() * 1e6))
-        prof.enable()
-        for _ in range(args.calls):
-            fwd_bwd_total()
-        prof.disable()
-        torch.cuda.synchronize()
+        host_ms_per_call(fwd_bwd_total, args.calls, profiler=prof)
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
         print(out.getvalue()[-6000:], flush=True)

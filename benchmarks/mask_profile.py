@@ -20,7 +20,7 @@ import torch
 from triton.testing import do_bench
 
 import sparge
-from sparge.bench import Shape, capture_graph, environment
+from sparge.bench import Shape, capture_graph, environment, host_ms_per_call
 from sparge.kernels.mask_lut import SCORES_CONFIG, pooled_logits, select_blocks, select_warps
 from sparge.kernels.pool import block_mean_pair
 
@@ -35,17 +35,7 @@ def profile_one(shape: Shape, sparsity: float) -> dict:
     res: dict = {"shape": shape.name, "sparsity_target": sparsity, "measured_sparsity": build().sparsity()}
     res["build_ms"] = do_bench(build, warmup=25, rep=200, return_mode="median")
     res["build_with_columns_ms"] = do_bench(with_cols, warmup=25, rep=200, return_mode="median")
-    # host time per call: launches queued back to back, the GPU kept busy by a long first kernel
-    torch.cuda.synchronize()
-    n = 50
-    big = torch.empty(int(2e9), dtype=torch.int8, device=dev)
-    big.zero_()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        build()
-    res["host_us_per_build"] = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    del big
+    res["host_us_per_build"] = host_ms_per_call(build, 50) * 1e3
     graph = capture_graph(build, dev)
     res["graph_ms"] = do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
     # per-kernel device times
@@ -126,6 +116,8 @@ def host_costs() -> dict:
     steps["block_sparse_attention(prebuilt mask)"] = lambda: sparge.block_sparse_attention(q, q, q, bm)
     steps["sparge_attention"] = lambda: sparge.sparge_attention(q, q, q, topk=0.5, topp=0.2)
     out = {}
+    # the GPU is left idle here: these tiny calls finish faster than they are launched, so 300 of them never fill
+    # the launch queue (with the GPU kept busy, as host_ms_per_call does, they would and the host would wait)
     for name, fn in steps.items():
         for _ in range(20):
             fn()
